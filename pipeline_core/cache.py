@@ -1,0 +1,164 @@
+"""The process-wide model cache: one loaded copy of each (source, precision, device), shared by all nodes.
+
+Where the modules live is delegated to a :class:`Residency`. Outside ComfyUI the default keeps them on their
+device. Inside ComfyUI the nodes install one that registers them with ComfyUI's memory manager, so "Unload
+models" and ComfyUI's own eviction reach them; the next run calls :meth:`Residency.load` and they come back.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .loading import IP2PComponents, ModelSource, load_components
+from .precision import Precision, resolve_precision
+
+log = logging.getLogger(__name__)
+
+MAX_CACHED_EMBEDDINGS = 64
+
+
+class Residency:
+    """Keeps modules where they must be. This default: they stay on the device they were loaded to."""
+
+    def offload_device(self, device: torch.device) -> torch.device:
+        """Where freshly loaded weights are placed before :meth:`load` is first called."""
+        return device
+
+    def adopt(self, components: IP2PComponents) -> Any:
+        """Called once after loading; returns a handle passed back to :meth:`load` and :meth:`release`."""
+        return None
+
+    def load(self, components: IP2PComponents, handle: Any, names: tuple[str, ...], memory_required: int = 0) -> None:
+        """Make sure the named modules (``unet``, ``vae``, ``text_encoder``) are on the compute device."""
+        for name in names:
+            module = components.modules()[name]
+            if next(module.parameters()).device != components.device:
+                module.to(components.device)
+
+    def release(self, handle: Any) -> None:
+        """Called when the cache drops the model."""
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    source: ModelSource
+    precision: str  # resolved: fp32 / fp16 / bf16
+    device: str
+
+    def describe(self) -> str:
+        return f"{self.source.name} ({self.precision}, {self.device})"
+
+
+class CachedModel:
+    """A loaded model plus what is derived from it (text encodings), as handed out by the cache."""
+
+    def __init__(self, key: ModelKey, components: IP2PComponents, handle: Any, residency: Residency):
+        self.key = key
+        self.components = components
+        self.handle = handle
+        self.residency = residency
+        self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self.encode_calls = 0  # texts actually run through the text encoder; tests and logs read it
+
+    def ensure_loaded(self, *names: str, memory_required: int = 0) -> None:
+        self.residency.load(self.components, self.handle, names, memory_required)
+
+    def encode(self, text: str) -> torch.Tensor:
+        """CLIP last hidden state ``[1, tokens, dim]`` (float32, CPU) for ``text``, cached per text."""
+        with self._lock:
+            hit = self._embeddings.get(text)
+            if hit is not None:
+                self._embeddings.move_to_end(text)
+                return hit
+        c = self.components
+        max_tokens = c.max_text_tokens  # not tokenizer.model_max_length: ComfyUI's SD1 tokenizer says 8192
+        ids = c.tokenizer(text, padding="max_length", max_length=max_tokens, truncation=True, return_tensors="pt").input_ids
+        full = c.tokenizer(text).input_ids
+        if len(full) > max_tokens:
+            log.warning("ip2p: the prompt is %d tokens long; CLIP reads the first %d, the rest is ignored", len(full), max_tokens)
+        self.ensure_loaded("text_encoder")
+        with torch.inference_mode():
+            emb = c.text_encoder(ids.to(c.device))[0]
+        emb = emb.float().cpu()
+        with self._lock:
+            self.encode_calls += 1
+            self._embeddings[text] = emb
+            while len(self._embeddings) > MAX_CACHED_EMBEDDINGS:
+                self._embeddings.popitem(last=False)
+        return emb
+
+
+Loader = Callable[[ModelSource, Precision, torch.device, torch.device], IP2PComponents]
+
+
+def _default_loader(source: ModelSource, precision: Precision, device: torch.device, place: torch.device) -> IP2PComponents:
+    components = load_components(source, precision, place)
+    components.device = device
+    return components
+
+
+class ModelCache:
+    """Lock-guarded LRU of loaded models. ``get`` on a key already held loads nothing."""
+
+    def __init__(self, max_models: int = 2, residency: Residency | None = None, loader: Loader = _default_loader):
+        self.max_models = max_models
+        self.residency = residency or Residency()
+        self._loader = loader
+        self._models: OrderedDict[ModelKey, CachedModel] = OrderedDict()
+        self._lock = threading.RLock()
+        self.loads = 0  # how many times a model was actually read from disk
+
+    def key_for(self, source: ModelSource, precision: str, device: torch.device | str) -> ModelKey:
+        resolved = resolve_precision(precision, device)
+        return ModelKey(source, resolved.name, str(torch.device(device)))
+
+    def get(self, key: ModelKey) -> CachedModel:
+        with self._lock:
+            model = self._models.get(key)
+            if model is not None:
+                self._models.move_to_end(key)
+                return model
+            device = torch.device(key.device)
+            precision = resolve_precision(key.precision, device)
+            log.info("ip2p: loading %s", key.describe())
+            components = self._loader(key.source, precision, device, self.residency.offload_device(device))
+            self.loads += 1
+            model = CachedModel(key, components, self.residency.adopt(components), self.residency)
+            self._models[key] = model
+            while len(self._models) > self.max_models:
+                old_key, old = self._models.popitem(last=False)
+                log.info("ip2p: dropping %s from the model cache", old_key.describe())
+                self.residency.release(old.handle)
+            return model
+
+    def evict(self, key: ModelKey) -> bool:
+        with self._lock:
+            model = self._models.pop(key, None)
+        if model is not None:
+            self.residency.release(model.handle)
+        return model is not None
+
+    def clear(self) -> None:
+        with self._lock:
+            models, self._models = list(self._models.values()), OrderedDict()
+        for model in models:
+            self.residency.release(model.handle)
+
+    def __contains__(self, key: ModelKey) -> bool:
+        with self._lock:
+            return key in self._models
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._models)
+
+
+MODEL_CACHE = ModelCache()
+"""The one cache the nodes and the CLI share. Tests build their own or call ``clear()``."""
