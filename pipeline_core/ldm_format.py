@@ -131,8 +131,25 @@ def to_ldm_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
             value = value[:, :, None, None]  # LDM's VAE attention uses 1x1 convolutions
         out[VAE_PREFIX + ldm_key] = value
     for key, value in text_encoder.state_dict().items():
-        out[CLIP_PREFIX + key] = value
+        if key.endswith("position_ids"):
+            continue  # a derived buffer, rebuilt on load
+        # transformers 5 dropped the "text_model." level of CLIPTextModel; SD1.x files always have it.
+        out[CLIP_PREFIX + (key if key.startswith("text_model.") else "text_model." + key)] = value
     return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def match_text_encoder_keys(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """Add or drop the ``text_model.`` level so keys match the installed transformers' CLIPTextModel."""
+    wants_level = any(k.startswith("text_model.") for k in expected)
+    out = {}
+    for key, value in state.items():
+        has_level = key.startswith("text_model.")
+        if has_level and not wants_level:
+            key = key[len("text_model."):]
+        elif wants_level and not has_level:
+            key = "text_model." + key
+        out[key] = value
+    return out
 
 
 def from_ldm_state_dict(checkpoint: dict[str, torch.Tensor], unet_config: dict, vae_config: dict):

@@ -214,6 +214,7 @@ def load_single_file(path: Path, precision: Precision, device: torch.device, sou
         # missing or unexpected weight, which is how a file of another architecture shows.
         unet.load_state_dict(unet_sd, strict=True, assign=True)
         vae.load_state_dict(vae_sd, strict=True, assign=True)
+        text_sd = ldm_format.match_text_encoder_keys(text_sd, set(text_encoder.state_dict()))
         missing, unexpected = text_encoder.load_state_dict(text_sd, strict=False, assign=True)
         missing = [k for k in missing if not k.endswith("position_ids")]
         if missing or unexpected:
@@ -222,10 +223,15 @@ def load_single_file(path: Path, precision: Precision, device: torch.device, sou
         raise ModelLoadError(
             f"{path.name}: the weights do not fit an SD1.x InstructPix2Pix model ({str(exc)[:400]})"
         ) from exc
-    text_encoder.text_model.embeddings.register_buffer(
+    getattr(text_encoder, "text_model", text_encoder).embeddings.register_buffer(
         "position_ids", torch.arange(text_encoder.config.max_position_embeddings).unsqueeze(0), persistent=False
     )
     tokenizer = _single_file_tokenizer(path, tokenizer_files, source.tokenizer_dir, CLIPTokenizer)
+    if not 3 < len(tokenizer) <= text_encoder.config.vocab_size:
+        raise ModelLoadError(
+            f"{path.name}: the tokenizer has {len(tokenizer)} tokens but the text encoder knows "
+            f"{text_encoder.config.vocab_size}; they do not belong together"
+        )
     return _finish(unet, vae, text_encoder, tokenizer, configs["scheduler"], precision, device, source)
 
 
@@ -238,7 +244,7 @@ def _single_file_tokenizer(path: Path, embedded: dict[str, str] | None, tokenize
             for name, text in embedded.items():
                 (Path(tmp) / name).write_text(text)
             return cls.from_pretrained(tmp, local_files_only=True)
-    found = find_tokenizer_dir(tokenizer_dir)
+    found = find_tokenizer_dir(tokenizer_dir)  # needs vocab.json + merges.txt: the SD1.x CLIP layout
     if found is None:
         raise ModelLoadError(
             f"{path.name}: a single-file checkpoint carries no CLIP tokenizer, and none was found locally. Inside "
@@ -261,7 +267,7 @@ def download_hub_model(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:
         raise ModelLoadError(
-            f"{repo_id}: could not be downloaded ({type(exc).__name__}: {str(exc)[:200]}). Offline? Copy the model "
+            f"{repo_id}: could not be downloaded ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}). Offline? Copy the model "
             "folder (with model_index.json) into ComfyUI/models/diffusers/, or the single-file checkpoint into "
             "ComfyUI/models/instructpix2pix/, and pick it in the loader instead of typing an id"
         ) from exc
@@ -304,10 +310,9 @@ def save_single_file(components_or_modules, path: Path, tokenizer_dir: Path | No
         "scheduler": dict(scheduler_config or _default_configs()["scheduler"]),
     }
     if tokenizer_dir is not None:
+        # Every file of the folder: transformers 4 writes vocab.json + merges.txt, transformers 5 tokenizer.json.
         configs["tokenizer"] = {
-            name: (Path(tokenizer_dir) / name).read_text()
-            for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
-            if (Path(tokenizer_dir) / name).is_file()
+            f.name: f.read_text() for f in sorted(Path(tokenizer_dir).iterdir()) if f.suffix in (".json", ".txt")
         }
     state = {k: v.to("cpu") for k, v in ldm_format.to_ldm_state_dict(unet, vae, text_encoder).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
