@@ -1,0 +1,47 @@
+"""The command-line edit: one command from an image file to an edited file of the same size."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ip2p_nodes.pipeline_core import cli
+
+
+@pytest.fixture
+def photo(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "in.png"
+    Image.fromarray(rng.integers(0, 255, (45, 61, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_cli_edit_writes_an_image_of_the_input_size(tmp_path, photo, tiny_single_file):
+    out = tmp_path / "out.png"
+    rc = cli.main(["edit", str(photo), "make it winter", "-o", str(out), "--model", str(tiny_single_file),
+                   "--steps", "2", "--precision", "fp32", "--seed", "7"])
+    assert rc == 0
+    with Image.open(out) as im:
+        assert im.size == (61, 45)
+
+
+def test_cli_count_writes_one_file_per_seed(tmp_path, photo, tiny_folder):
+    out = tmp_path / "v.png"
+    rc = cli.main(["edit", str(photo), "make it winter", "-o", str(out), "--model", str(tiny_folder),
+                   "--steps", "1", "--precision", "fp32", "--count", "2"])
+    assert rc == 0
+    a, b = (np.asarray(Image.open(tmp_path / f"v_{i}.png")) for i in (0, 1))
+    assert a.shape == b.shape == (45, 61, 3) and not np.array_equal(a, b)
+
+
+def test_cli_reports_a_wrong_model_as_an_error_not_a_traceback(tmp_path, photo, caplog):
+    rc = cli.main(["edit", str(photo), "x", "-o", str(tmp_path / "o.png"), "--model", str(tmp_path / "missing.safetensors")])
+    assert rc == 2
+    assert "no such file or folder" in caplog.text
+
+
+def test_cli_reports_an_unreadable_image(tmp_path, tiny_folder, caplog):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    rc = cli.main(["edit", str(bad), "x", "-o", str(tmp_path / "o.png"), "--model", str(tiny_folder)])
+    assert rc == 2
+    assert "cannot be read as an image" in caplog.text
