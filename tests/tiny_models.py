@@ -13,34 +13,13 @@ import torch
 from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ip2p_nodes.pipeline_core.byte_tokenizer import byte_level_vocab, write_byte_level_tokenizer
+
 SCHEDULER_CONFIG = json.loads((Path(__file__).parents[1] / "pipeline_core/configs/sd15/scheduler.json").read_text())
 
 
-def _byte_symbols() -> list[str]:
-    """GPT-2/CLIP's printable stand-in for each of the 256 byte values."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    extra = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
-
-
-def byte_level_vocab() -> tuple[dict[str, int], str]:
-    """A CLIP BPE vocabulary with the 256 byte symbols and no merges: every text tokenizes, one byte a token."""
-    symbols = _byte_symbols()
-    vocab: dict[str, int] = {}
-    for s in symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]:
-        vocab[s] = len(vocab)
-    return vocab, "#version: 0.2\n"
-
-
 def write_tokenizer(directory: Path) -> CLIPTokenizer:
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab, merges = byte_level_vocab()
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text(merges)
-    (directory / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "CLIPTokenizer", "pad_token": "<|endoftext|>", "model_max_length": 77})
-    )
-    return CLIPTokenizer.from_pretrained(str(directory))
+    return write_byte_level_tokenizer(directory)
 
 
 def make_components(seed: int = 0, in_channels: int = 8, tokenizer_dir: Path | None = None):
@@ -68,7 +47,7 @@ def make_components(seed: int = 0, in_channels: int = 8, tokenizer_dir: Path | N
         norm_num_groups=8,
         sample_size=64,
     )
-    vocab, _ = byte_level_vocab()
+    vocab = byte_level_vocab()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(vocab),

@@ -1,0 +1,131 @@
+"""Speed of our sampler against diffusers' InstructPix2Pix pipeline (the anchor), measured in the same run.
+
+    python benchmarks/speed.py --model full --resolution 256 --steps 4
+
+``full`` builds the real SD1.5-IP2P architecture (860 M-parameter UNet) with random weights: speed does not
+depend on the weights' values, and nothing is downloaded. ``tiny`` is the test model (seconds, for a smoke run).
+Prints seconds per edit, seconds per step, ratios against the anchor, and the UNet floor (how much of a step
+is spent outside the UNet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ip2p_nodes.pipeline_core import ModelCache, ModelSource, SeedPlan, edit, encode_instruction
+from ip2p_nodes.pipeline_core.byte_tokenizer import write_byte_level_tokenizer
+from ip2p_nodes.pipeline_core.loading import CONFIG_DIR, IP2PComponents, _finish
+from ip2p_nodes.pipeline_core.precision import resolve_precision
+
+
+def build_modules(kind: str, tmp: Path):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if kind == "tiny":
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        import tiny_models
+
+        unet, vae, te, _ = tiny_models.make_components()
+    else:
+        cfg = {n: json.loads((CONFIG_DIR / "sd15" / f"{n}.json").read_text()) for n in ("unet", "vae", "text_encoder")}
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel.from_config(cfg["unet"])
+        vae = AutoencoderKL.from_config(cfg["vae"])
+        te = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+    tok = write_byte_level_tokenizer(tmp / "tok")
+    sched = json.loads((CONFIG_DIR / "sd15" / "scheduler.json").read_text())
+    return unet.eval(), vae.eval(), te.eval(), tok, sched
+
+
+def timed(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=("full", "tiny"), default="full")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_grad_enabled(False)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        unet, vae, te, tok, sched = build_modules(args.model, Path(tmp))
+        img = torch.rand(1, args.resolution, args.resolution, 3, generator=torch.Generator().manual_seed(0))
+        common = dict(steps=args.steps, text_guidance=7.5, image_guidance=1.5)
+        rows = []
+
+        # Anchor: diffusers' own pipeline, fp32 (its default), same scheduler and settings.
+        from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
+
+        pipe = StableDiffusionInstructPix2PixPipeline(
+            vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
+            scheduler=EulerAncestralDiscreteScheduler.from_config(sched),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        x = img.permute(0, 3, 1, 2)
+
+        def run_diffusers():
+            pipe("make it winter", image=x, num_inference_steps=args.steps, guidance_scale=7.5,
+                 image_guidance_scale=1.5, generator=torch.Generator().manual_seed(0), output_type="pt")
+
+        anchor = timed(run_diffusers, args.repeats)
+        rows.append(("diffusers pipeline fp32 (anchor)", anchor))
+
+        for precision in ("fp32", "auto"):
+            resolved = resolve_precision(precision, "cpu")
+            src = ModelSource("diffusers", f"in-memory-{args.model}")
+
+            def loader(source, prec, device, place, resolved=resolved):
+                # Deep copies keep the anchor's fp32 modules untouched while ours are cast.
+                import copy
+
+                return _finish(copy.deepcopy(unet), copy.deepcopy(vae), copy.deepcopy(te), tok, sched, prec,
+                               torch.device(device), source)
+
+            cache = ModelCache(loader=loader)
+            model = cache.get(cache.key_for(src, precision, "cpu"))
+            assert isinstance(model.components, IP2PComponents)
+            cond = encode_instruction(model, "make it winter")
+            t = timed(lambda: edit(model, cond, img, SeedPlan.single(0), **common), args.repeats)
+            rows.append((f"ip2p-nodes {resolved.name}" + (" + channels_last" if resolved.name == "bf16" else ""), t))
+
+            # UNet floor: one batch-of-3 forward at this precision.
+            c = model.components
+            lat = args.resolution // 8
+            inp = torch.randn(3, 8, lat, lat, dtype=c.precision.unet)
+            if c.precision.unet == torch.bfloat16:
+                inp = inp.contiguous(memory_format=torch.channels_last)
+            emb = torch.randn(3, 77, c.text_encoder.config.hidden_size, dtype=c.precision.unet)
+            floor = timed(lambda: c.unet(inp, 500, encoder_hidden_states=emb), args.repeats)
+            rows.append((f"  UNet batch-of-3 forward ({resolved.name})", floor))
+            rows.append((f"  overhead outside the UNet ({resolved.name})", t - floor * args.steps))
+            del cache, model
+
+    print(f"\nmodel={args.model} resolution={args.resolution} steps={args.steps} threads={torch.get_num_threads()}")
+    print(f"{'what':50s} {'seconds':>9s} {'s/step':>8s} {'vs anchor':>10s}")
+    for name, secs in rows:
+        ratio = f"{anchor / secs:9.2f}x" if not name.startswith("  ") else ""
+        print(f"{name:50s} {secs:9.3f} {secs / args.steps:8.3f} {ratio:>10s}")
+
+
+if __name__ == "__main__":
+    main()
