@@ -1,0 +1,125 @@
+"""The pack's models under ComfyUI's memory manager, like ComfyUI's own.
+
+Each loaded module (unet, vae, text encoder) is wrapped in a ``ModelPatcher`` and loaded through
+``comfy.model_management.load_models_gpu`` right before use, as core does for its plain modules (CLIP vision,
+upscale models). So "Unload models", ``POST /free`` and ComfyUI's eviction to make room for native models move
+our weights to the offload device; the next run's :meth:`ComfyResidency.load` brings them back. A diffusers
+wrapper that keeps its modules to itself is invisible to ComfyUI: it cannot be unloaded and runs other models
+out of memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import torch
+
+from ..pipeline_core.cache import ModelCache, Residency
+from ..pipeline_core.loading import IP2PComponents
+
+log = logging.getLogger(__name__)
+
+
+class ModuleHolder(torch.nn.Module):
+    """A plain container for one diffusers/transformers module, as ``ModelPatcher`` needs it.
+
+    ``ModelPatcher`` writes ``model.device`` and a few bookkeeping attributes on the module it manages;
+    diffusers and transformers define ``device`` as a read-only property, so their models cannot be handed to
+    it directly ("property 'device' ... has no setter"). The holder's class name is what ComfyUI logs
+    ("Requested to load IP2PUNet").
+    """
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        super().__init__()
+        self.module = module
+        self.device = device
+
+    def get_dtype(self) -> torch.dtype:  # ModelPatcher.model_dtype() asks for it
+        return next(self.module.parameters()).dtype
+
+
+class IP2PUNet(ModuleHolder):
+    pass
+
+
+class IP2PVAE(ModuleHolder):
+    pass
+
+
+class IP2PTextEncoder(ModuleHolder):
+    pass
+
+
+HOLDERS: dict[str, type[ModuleHolder]] = {"unet": IP2PUNet, "vae": IP2PVAE, "text_encoder": IP2PTextEncoder}
+
+
+class IP2PModelPatcher(comfy.model_patcher.ModelPatcher):
+    """A ``ModelPatcher`` that moves its module whole.
+
+    ComfyUI's partial ("lowvram") loading leaves some layers on the offload device and streams them in through
+    ``comfy.ops`` layers; plain torch layers cannot do that and would fail with a device mismatch. So a
+    partial load becomes a full one, and a partial unload frees nothing, which makes ComfyUI unload the whole
+    module instead.
+    """
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        return super().partially_load(device_to, max(extra_memory, self.model_size() + 1), force_patch_weights)
+
+    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+        return 0
+
+    def detach(self, unpatch_all=True):
+        model = super().detach(unpatch_all)
+        if unpatch_all:  # unpatch_all=False is ComfyUI re-registering a model that stays loaded
+            log.info("ip2p: ComfyUI unloaded %s to %s", type(self.model).__name__, self.offload_device)
+        return model
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+class ComfyResidency(Residency):
+    """Residency that hands every module to ComfyUI's memory manager."""
+
+    def offload_device(self, device: torch.device) -> torch.device:
+        # Fresh weights wait where ComfyUI keeps unloaded models; the first load() moves them.
+        return mm.unet_offload_device()
+
+    def adopt(self, components: IP2PComponents) -> dict[str, IP2PModelPatcher]:
+        patchers = {}
+        for role, module in components.modules().items():
+            holder = HOLDERS[role](module, _device_of(module))
+            # Load onto the device the cache key names (ComfyUI's torch device), not vae_device(): the sampler
+            # feeds every module tensors on components.device.
+            patchers[role] = IP2PModelPatcher(
+                holder, load_device=components.device, offload_device=mm.unet_offload_device()
+            )
+        return patchers
+
+    def load(self, components: IP2PComponents, handle: Any, names: tuple[str, ...], memory_required: int = 0) -> None:
+        # Already-loaded modules cost nothing here; unloaded ones are moved back, evicting others if needed.
+        mm.load_models_gpu([handle[n] for n in names], memory_required=memory_required, force_full_load=True)
+
+    def release(self, handle: Any) -> None:
+        """The cache dropped this model: take it out of ComfyUI's list so its memory can really go."""
+        patchers = list(handle.values())
+        for loaded in list(mm.current_loaded_models):
+            if any(loaded.model is p for p in patchers):
+                loaded.model_unload()
+                mm.current_loaded_models.remove(loaded)
+        mm.soft_empty_cache()
+
+
+def install_residency(cache: ModelCache) -> ComfyResidency:
+    """Make ``cache`` register its models with ComfyUI. Idempotent; called when ComfyUI loads the pack."""
+    if isinstance(cache.residency, ComfyResidency):
+        return cache.residency
+    if len(cache):
+        # Models adopted by the previous residency are invisible to ComfyUI; they reload on next use.
+        cache.clear()
+    cache.residency = ComfyResidency()
+    return cache.residency

@@ -1,0 +1,120 @@
+"""Where the loader node finds models, and how a picked name becomes a :class:`pipeline_core.ModelSource`.
+
+Choices come from three ComfyUI model folders: ``instructpix2pix`` (registered by this pack), ``checkpoints``
+(single files) and ``diffusers`` (folders holding ``model_index.json``). Single files carry no CLIP tokenizer;
+inside ComfyUI they get ComfyUI's own bundled SD1 tokenizer, so an SD1.5 IP2P ``.safetensors`` loads with no
+network at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import folder_paths
+
+from ..pipeline_core.errors import ModelLoadError
+from ..pipeline_core.loading import SINGLE_FILE_SUFFIXES, ModelSource
+
+log = logging.getLogger(__name__)
+
+IP2P_FOLDER = "instructpix2pix"
+FILE_FOLDERS = (IP2P_FOLDER, "checkpoints")  # searched in this order; a name in both resolves to ours
+DIFFUSERS_FOLDER = "diffusers"
+NO_MODELS = "(no model found: put an InstructPix2Pix model in models/instructpix2pix)"
+
+
+def register_model_folder() -> str:
+    """Add ``models/instructpix2pix`` to ComfyUI's folder list; returns the default path. Idempotent.
+
+    ``extra_model_paths.yaml`` is applied before packs are imported and may already name this folder: its
+    paths are kept, ours is appended after them, never replacing them.
+    """
+    default = os.path.join(folder_paths.models_dir, IP2P_FOLDER)
+    folder_paths.add_model_folder_path(IP2P_FOLDER, default, is_default=False)
+    paths, extensions = folder_paths.folder_names_and_paths[IP2P_FOLDER]
+    # A key created by the yaml (or by add_model_folder_path) has an empty extension set, which ComfyUI reads
+    # as "every file"; list checkpoint files only, as the checkpoints folder does.
+    folder_paths.folder_names_and_paths[IP2P_FOLDER] = (paths, set(extensions) | set(SINGLE_FILE_SUFFIXES))
+    return default
+
+
+def comfy_tokenizer_dir() -> str | None:
+    """ComfyUI's bundled SD1 CLIP tokenizer (``comfy/sd1_tokenizer``), found from the ``comfy`` package."""
+    import comfy
+
+    # comfy is a namespace package (no __init__.py, no __file__): look in each of its folders.
+    for base in comfy.__path__:
+        folder = Path(base).resolve() / "sd1_tokenizer"
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            return str(folder)
+    return None
+
+
+def _single_files(folder: str) -> list[str]:
+    if folder not in folder_paths.folder_names_and_paths:
+        return []
+    # checkpoints also lists .sft/.pkl/.pt2; only what the loader can read is offered.
+    return [n for n in folder_paths.get_filename_list(folder) if n.lower().endswith(SINGLE_FILE_SUFFIXES)]
+
+
+def diffusers_folders() -> list[str]:
+    """Model folders (holding ``model_index.json``) under every ``diffusers`` path, relative to it."""
+    found: set[str] = set()
+    for base in folder_paths.get_folder_paths(DIFFUSERS_FOLDER):
+        if not os.path.isdir(base):
+            continue
+        for root, subdirs, files in os.walk(base, followlinks=True):
+            if "model_index.json" in files:
+                found.add(os.path.relpath(root, base))
+                subdirs[:] = []  # a model's own unet/, vae/ ... hold no further models
+    return sorted(found)
+
+
+def list_choices() -> list[str]:
+    """Names for the loader's dropdown: IP2P folder files, checkpoint files, then diffusers folders."""
+    names: list[str] = []
+    for name in [*_single_files(IP2P_FOLDER), *_single_files("checkpoints"), *diffusers_folders()]:
+        if name not in names:
+            names.append(name)
+    # An empty dropdown would make the node unusable even with a hub id typed; this entry says what to do.
+    return names or [NO_MODELS]
+
+
+def _with_tokenizer(source: ModelSource) -> ModelSource:
+    if source.kind != "single_file":
+        return source
+    return dataclasses.replace(source, tokenizer_dir=comfy_tokenizer_dir())
+
+
+def resolve(choice: str, hub_id: str = "") -> ModelSource:
+    """The model a loader node means: ``hub_id`` when it is filled in, else the dropdown ``choice``."""
+    hub_id = (hub_id or "").strip()
+    if hub_id:
+        # A typed local path works too; only an owner/name id can ever reach the network.
+        return _with_tokenizer(ModelSource.from_path(hub_id))
+    if not choice or choice == NO_MODELS:
+        raise ModelLoadError(
+            "no model picked: copy an InstructPix2Pix checkpoint (e.g. instruct-pix2pix-00-22000.safetensors) "
+            f"into {os.path.join(folder_paths.models_dir, IP2P_FOLDER)}, or a diffusers model folder into "
+            f"{os.path.join(folder_paths.models_dir, DIFFUSERS_FOLDER)}, then refresh (R) and pick it; or type a "
+            "Hugging Face id in hub_id"
+        )
+    for folder in FILE_FOLDERS:
+        if folder in folder_paths.folder_names_and_paths:
+            path = folder_paths.get_full_path(folder, choice)
+            if path is not None:
+                return _with_tokenizer(ModelSource("single_file", str(Path(path).resolve())))
+    relative = os.path.relpath(os.path.join(os.sep, choice), os.sep)  # no escaping the model folders
+    for base in folder_paths.get_folder_paths(DIFFUSERS_FOLDER):
+        candidate = Path(base) / relative
+        if (candidate / "model_index.json").is_file():
+            return ModelSource("diffusers", str(candidate.resolve()))
+    searched = [p for f in (*FILE_FOLDERS, DIFFUSERS_FOLDER) if f in folder_paths.folder_names_and_paths
+                for p in folder_paths.get_folder_paths(f)]
+    raise ModelLoadError(
+        f"{choice}: not found in the model folders ({', '.join(searched)}); it was moved or deleted — refresh "
+        "(R) and pick another model"
+    )
