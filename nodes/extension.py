@@ -1,0 +1,36 @@
+"""The pack's ComfyUI extension: the node list, and the setup ComfyUI needs before the first run."""
+
+from __future__ import annotations
+
+import logging
+
+from comfy_api.latest import ComfyExtension, io
+
+from ..pipeline_core import MODEL_CACHE
+from . import memory, model_paths
+from .instruction import IP2PInstruction
+from .loader import IP2PModelLoader
+from .sampler import IP2PSampler
+from .seed_plan import IP2PSeedPlan
+
+log = logging.getLogger(__name__)
+
+NODES: list[type[io.ComfyNode]] = [IP2PModelLoader, IP2PInstruction, IP2PSampler, IP2PSeedPlan]
+
+
+def setup() -> None:
+    """Register the model folder and hand the shared cache's modules to ComfyUI's memory manager. Idempotent."""
+    folder = model_paths.register_model_folder()
+    memory.install_residency(MODEL_CACHE)
+    log.info("ip2p: InstructPix2Pix models are read from %s (also checkpoints and diffusers)", folder)
+
+
+class IP2PExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        setup()
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        # ComfyUI 0.8's loader calls get_node_list but never on_load, so the setup runs here too (it is
+        # idempotent): the folder must exist before the loader's dropdown is first built.
+        setup()
+        return list(NODES)

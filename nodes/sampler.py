@@ -1,0 +1,167 @@
+"""IP2P Dual-Guidance Sampler: ComfyUI types in and out of ``pipeline_core.sampler.edit``."""
+
+from __future__ import annotations
+
+import comfy.model_management as mm
+import comfy.utils
+import torch
+from comfy_api.latest import io
+
+from ..pipeline_core import DEFAULT_SCHEDULER, SCHEDULER_NAMES, SeedPlan, edit
+from ..pipeline_core.schedulers import SCHEDULER_TOOLTIPS
+from ..pipeline_core.seeds import MAX_SEED
+from .loader import cached_model
+from .types import CATEGORY, ConditioningType, ModelType, SeedPlanType
+
+MAX_STEPS = 200
+
+
+def labels_for(result, text_guidance: float, image_guidance: float, n_inputs: int) -> str:
+    """One line per output picture: what made it, so a grid of variations can be read (and re-made)."""
+    lines = []
+    for index, item in result.items:
+        s_t = item.text_guidance if item.text_guidance is not None else text_guidance
+        s_i = item.image_guidance if item.image_guidance is not None else image_guidance
+        line = f"seed {item.seed} · text {s_t:g} · image {s_i:g}"
+        lines.append(f"input {index + 1} · {line}" if n_inputs > 1 else line)
+    return "\n".join(lines)
+
+
+class IP2PSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        schedulers = "; ".join(f"{n}: {SCHEDULER_TOOLTIPS[n]}" for n in SCHEDULER_NAMES)
+        return io.Schema(
+            node_id="IP2PSampler",
+            display_name="IP2P Dual-Guidance Sampler",
+            category=CATEGORY,
+            description=(
+                "Edits the image by the instruction with InstructPix2Pix's two guidance scales (text: how much to "
+                "change, image: how much to keep). The output has exactly the input's size. Shows progress per "
+                "step and stops within one step on Cancel."
+            ),
+            inputs=[
+                ModelType.Input("model", tooltip="The model from IP2P Load Model (the same one the instruction used)."),
+                ConditioningType.Input("conditioning", tooltip="The instruction from IP2P Instruction."),
+                io.Image.Input(
+                    "image",
+                    tooltip=(
+                        "The picture(s) to edit, any size (no crop, no resize; alpha is ignored). Every image of "
+                        "a batch is edited with every seed of the plan. The model was trained at 256-512 px; "
+                        "much larger pictures take longer and may repeat details."
+                    ),
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=MAX_SEED,
+                    control_after_generate=True,
+                    tooltip=(
+                        "Noise seed: the same seed and settings give the same picture. Ignored when a plan is "
+                        "connected."
+                    ),
+                ),
+                io.Int.Input(
+                    "steps",
+                    default=20,
+                    min=1,
+                    max=MAX_STEPS,
+                    tooltip=(
+                        "Denoising steps: 20 is the usual balance, 10-15 for drafts, 30-50 for fine detail; time "
+                        "grows linearly."
+                    ),
+                ),
+                io.Float.Input(
+                    "text_guidance",
+                    default=7.5,
+                    min=0.0,
+                    max=30.0,
+                    step=0.1,
+                    tooltip=(
+                        "How strongly the instruction is applied (s_T). Useful 5-12: raise it when the edit is too "
+                        "weak, lower it when the picture gets overcooked. 7.5 is the paper's default."
+                    ),
+                ),
+                io.Float.Input(
+                    "image_guidance",
+                    default=1.5,
+                    min=0.0,
+                    max=30.0,
+                    step=0.05,
+                    tooltip=(
+                        "How closely the result keeps the input picture (s_I). Useful 1.0-2.5: raise it when too "
+                        "much changes, lower it for bolder edits; below 1 drifts away from the input. 1.5 is the "
+                        "paper's default; at exactly 1 a third of the work is skipped."
+                    ),
+                ),
+                io.Combo.Input(
+                    "scheduler",
+                    options=list(SCHEDULER_NAMES),
+                    default=DEFAULT_SCHEDULER,
+                    tooltip=f"Sampling method. {schedulers}.",
+                ),
+                SeedPlanType.Input(
+                    "plan",
+                    optional=True,
+                    tooltip=(
+                        "Optional, from IP2P Seed Batch: several seeds (and guidance values) in one run; replaces "
+                        "seed, and the guidance values it lists."
+                    ),
+                ),
+            ],
+            outputs=[
+                io.Image.Output(
+                    display_name="image",
+                    tooltip=(
+                        "The edited picture(s), exactly the input's size; input-major order (all plan items of "
+                        "input 1 first)."
+                    ),
+                ),
+                io.Latent.Output(
+                    display_name="latent",
+                    tooltip="The result as a ComfyUI LATENT (SD1.5 VAE space), e.g. for VAEDecode or a second pass.",
+                ),
+                io.String.Output(
+                    display_name="labels",
+                    tooltip="One line per output picture with its seed and guidance values, e.g. for a labelled grid.",
+                ),
+            ],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        model,
+        conditioning,
+        image: torch.Tensor,
+        seed: int,
+        steps: int,
+        text_guidance: float,
+        image_guidance: float,
+        scheduler: str,
+        plan: SeedPlan | None = None,
+    ) -> io.NodeOutput:
+        cached = cached_model(model)
+        progress_bar = comfy.utils.ProgressBar(steps)
+
+        def progress(done: int, total: int, latents) -> None:
+            # Cancel raises here, between two steps; nothing is left half-changed, so the next run just works.
+            mm.throw_exception_if_processing_interrupted()
+            progress_bar.update_absolute(done, total)
+
+        result = edit(
+            cached,
+            conditioning,
+            image,
+            plan if plan is not None else SeedPlan.single(seed),
+            steps=steps,
+            text_guidance=text_guidance,
+            image_guidance=image_guidance,
+            scheduler=scheduler,
+            progress=progress,
+        )
+        device = mm.intermediate_device()
+        latent = {"samples": result.latents.to(device)}
+        labels = labels_for(result, text_guidance, image_guidance, n_inputs=image.shape[0])
+        return io.NodeOutput(result.images.to(device), latent, labels)
