@@ -1,0 +1,126 @@
+"""A real ComfyUI server (COMFYUI_DIR) with the pack: the nodes as the UI sees them, an edit end to end,
+"Unload models" in between, and Cancel.
+
+One server for the module (start-up is most of the cost); each test leaves it idle.
+"""
+
+from __future__ import annotations
+
+import comfy_harness
+import numpy as np
+import pytest
+from PIL import Image
+
+comfy_harness.skip_without_comfyui()
+
+pytestmark = pytest.mark.server
+
+OUR_NODES = {
+    "IP2PModelLoader": "IP2P Load Model",
+    "IP2PInstruction": "IP2P Instruction",
+    "IP2PSampler": "IP2P Dual-Guidance Sampler",
+    "IP2PSeedPlan": "IP2P Seed Batch",
+}
+MODEL = "tiny-ip2p.safetensors"
+WIDTH, HEIGHT = 75, 53  # neither a multiple of 8: the output must still be exactly this size
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_single_file):
+    base = tmp_path_factory.mktemp("comfyui")
+    # The model sits in a folder named by extra_model_paths.yaml, as on a shared model drive; a second copy
+    # in the default models/instructpix2pix must stay listed too (the pack appends, never replaces).
+    shared = base / "shared-drive" / "ip2p"
+    comfy_harness.copy_into(tiny_single_file, shared, MODEL)
+    comfy_harness.copy_into(tiny_single_file, base / "models" / "instructpix2pix", "default-folder.safetensors")
+    (base / "input").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)).save(base / "input" / "photo.png")
+    with comfy_harness.comfy_server(base, {"instructpix2pix": [shared]}) as srv:
+        yield srv
+
+
+def edit_prompt(seed=7, count=2, steps=3, prefix="ip2p"):
+    """LoadImage -> our four nodes -> SaveImage, in ComfyUI's API format."""
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
+        "2": {"class_type": "IP2PModelLoader", "inputs": {"model": MODEL, "hub_id": "", "precision": "auto"}},
+        "3": {"class_type": "IP2PInstruction",
+              "inputs": {"model": ["2", 0], "instruction": "make it look like a watercolor painting", "negative": ""}},
+        "4": {"class_type": "IP2PSeedPlan",
+              "inputs": {"seed": seed, "count": count, "mode": "increment", "text_guidance_values": "",
+                         "image_guidance_values": ""}},
+        "5": {"class_type": "IP2PSampler",
+              "inputs": {"model": ["2", 0], "conditioning": ["3", 0], "image": ["1", 0], "seed": 0, "steps": steps,
+                         "text_guidance": 7.5, "image_guidance": 1.5, "scheduler": "euler_ancestral",
+                         "plan": ["4", 0]}},
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": prefix}},
+    }
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_object_info_shows_our_four_nodes_with_tooltips_on_every_input(server):
+    info = server.object_info()
+    assert {k: info[k]["display_name"] for k in OUR_NODES if k in info} == OUR_NODES
+    for node_id in OUR_NODES:
+        node = info[node_id]
+        assert node["category"] == "InstructPix2Pix" and node["description"]
+        specs = {name: spec for group in ("required", "optional")
+                 for name, spec in node["input"].get(group, {}).items()}
+        untipped = [name for name, spec in specs.items() if len(spec) < 2 or not spec[1].get("tooltip")]
+        assert untipped == [], f"{node_id}: inputs without a tooltip: {untipped}"
+        assert all(node["output_tooltips"]), f"{node_id}: an output has no tooltip"
+    model_spec = info["IP2PModelLoader"]["input"]["required"]["model"]
+    options = model_spec[1]["options"] if model_spec[0] == "COMBO" else model_spec[0]
+    assert MODEL in options and "default-folder.safetensors" in options
+    assert "IMPORT FAILED" not in server.log_text()
+
+
+def test_edit_runs_end_to_end_and_again_after_unload_models_with_the_same_image(server):
+    mark = server.log_mark()
+    first = server.run_prompt(edit_prompt())
+    files = server.output_files(first, "6")
+    assert len(files) == 2
+    for f in files:
+        with Image.open(f) as im:
+            assert im.format == "PNG" and im.size == (WIDTH, HEIGHT)
+    assert not np.array_equal(pixels(files[0]), pixels(files[1]))  # two seeds, two pictures
+    assert "Requested to load IP2PUNet" in server.log_since(mark)
+
+    # "Unload models" + "Free model and node cache": ComfyUI must reach our modules ...
+    freed = server.log_mark()
+    server.free(unload_models=True, free_memory=True)
+    server.wait_for_log(r"ip2p: ComfyUI unloaded IP2P(UNet|VAE|TextEncoder)", since=freed, count=3)
+
+    # ... and the same prompt reloads them transparently and makes the same pictures.
+    again_mark = server.log_mark()
+    again = server.run_prompt(edit_prompt())
+    log = server.log_since(again_mark)
+    assert "Requested to load IP2PUNet" in log and "Requested to load IP2PVAE" in log
+    assert "ip2p: loading" not in log  # the weights stayed in the pack's cache: moved back, not re-read
+    again_files = server.output_files(again, "6")
+    assert [pixels(f).tobytes() for f in again_files] == [pixels(f).tobytes() for f in files]
+
+
+def test_cancel_stops_the_edit_and_the_next_run_works(server):
+    with server.events() as events:
+        prompt_id = server.post_prompt(edit_prompt(seed=99, count=1, steps=200, prefix="cancelled"),
+                                       client_id=events.client_id)
+        events.wait_for(lambda m: m.get("type") == "progress" and m["data"].get("prompt_id") == prompt_id
+                        and m["data"].get("node") == "5")
+        server.interrupt()
+        entry = server.wait_history(prompt_id)
+        steps_done = [p["value"] for p in events.of_type("progress", prompt_id) if p.get("node") == "5"]
+    assert entry["status"]["status_str"] == "error"
+    assert "execution_interrupted" in [kind for kind, _ in entry["status"]["messages"]]
+    assert max(steps_done) < 200
+    assert "6" not in entry["outputs"]  # nothing saved from the cancelled run
+
+    after = server.run_prompt(edit_prompt(seed=99, count=1, steps=2, prefix="after-cancel"))
+    [saved] = server.output_files(after, "6")
+    with Image.open(saved) as im:
+        assert im.size == (WIDTH, HEIGHT)
