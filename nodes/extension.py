@@ -8,6 +8,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from ..pipeline_core import MODEL_CACHE
 from . import memory, model_paths
+from .grid import IP2PImageGrid
 from .instruction import IP2PInstruction
 from .loader import IP2PModelLoader
 from .sampler import IP2PSampler
@@ -15,7 +16,7 @@ from .seed_plan import IP2PSeedPlan
 
 log = logging.getLogger(__name__)
 
-NODES: list[type[io.ComfyNode]] = [IP2PModelLoader, IP2PInstruction, IP2PSampler, IP2PSeedPlan]
+NODES: list[type[io.ComfyNode]] = [IP2PModelLoader, IP2PInstruction, IP2PSampler, IP2PSeedPlan, IP2PImageGrid]
 
 
 def setup() -> None:

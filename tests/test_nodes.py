@@ -34,7 +34,7 @@ from ip2p_nodes.pipeline_core.loading import save_single_file  # noqa: E402
 
 pytestmark = pytest.mark.comfyui
 
-OUR_NODE_IDS = {"IP2PModelLoader", "IP2PInstruction", "IP2PSampler", "IP2PSeedPlan"}
+OUR_NODE_IDS = {"IP2PModelLoader", "IP2PInstruction", "IP2PSampler", "IP2PSeedPlan", "IP2PImageGrid"}
 TINY = "tiny-ip2p.safetensors"
 
 
@@ -317,7 +317,7 @@ def test_partial_loads_move_whole_modules(tiny):
 # -- registration through ComfyUI's loader --------------------------------------------------------------------------
 
 
-def test_comfyui_custom_node_loader_registers_exactly_our_four_nodes(tmp_path, comfy_env, monkeypatch):
+def test_comfyui_custom_node_loader_registers_exactly_our_nodes(tmp_path, comfy_env, monkeypatch):
     import nodes as comfy_nodes
 
     assert Path(comfy_nodes.__file__).resolve() == comfy_harness.comfyui_dir() / "nodes.py"
@@ -335,6 +335,7 @@ def test_comfyui_custom_node_loader_registers_exactly_our_four_nodes(tmp_path, c
         "IP2PInstruction": "IP2P Instruction",
         "IP2PSampler": "IP2P Dual-Guidance Sampler",
         "IP2PSeedPlan": "IP2P Seed Batch",
+        "IP2PImageGrid": "IP2P Labelled Grid",
     }
     for node_id in OUR_NODE_IDS:
         schema = comfy_nodes.NODE_CLASS_MAPPINGS[node_id].GET_SCHEMA()
