@@ -21,9 +21,11 @@ NODES: list[type[io.ComfyNode]] = [IP2PModelLoader, IP2PInstruction, IP2PSampler
 
 def setup() -> None:
     """Register the model folder and hand the shared cache's modules to ComfyUI's memory manager. Idempotent."""
+    first_time = not isinstance(MODEL_CACHE.residency, memory.ComfyResidency)
     folder = model_paths.register_model_folder()
     memory.install_residency(MODEL_CACHE)
-    log.info("ip2p: InstructPix2Pix models are read from %s (also checkpoints and diffusers)", folder)
+    if first_time:
+        log.info("ip2p: InstructPix2Pix models are read from %s (also checkpoints and diffusers)", folder)
 
 
 class IP2PExtension(ComfyExtension):
