@@ -168,11 +168,29 @@ class ComfyServer:
             raise ServerError(f"prompt failed: {json.dumps(entry['status'], indent=1)[:4000]}\n{self.log_tail()}")
         return entry
 
-    def free(self, unload_models: bool = True, free_memory: bool = True) -> None:
-        """What the UI's "Unload models" / "Free model and node cache" buttons send."""
-        status, body = self.request("POST", "/free", {"unload_models": unload_models, "free_memory": free_memory})
-        if status != 200:
-            raise ServerError(f"POST /free -> {status}: {body}")
+    def free(self, unload_models: bool = True, free_memory: bool = True, until_log: str | None = None,
+             count: int = 1, timeout: float = 60.0) -> None:
+        """What the UI's "Unload models" / "Free model and node cache" buttons send.
+
+        With ``until_log`` (a regex), wait until the log shows it ``count`` times. ComfyUI's worker reads the
+        flags only when woken, and a wake-up sent while it is still tidying up after a prompt (gc) is lost
+        until the next prompt; so the request is repeated every few seconds until the effect shows. Repeating
+        is harmless: the flags are just set again.
+        """
+        mark = self.log_mark()
+        deadline = time.monotonic() + timeout
+        while True:
+            status, body = self.request("POST", "/free", {"unload_models": unload_models, "free_memory": free_memory})
+            if status != 200:
+                raise ServerError(f"POST /free -> {status}: {body}")
+            if until_log is None:
+                return
+            try:
+                self.wait_for_log(until_log, since=mark, count=count, timeout=min(3.0, deadline - time.monotonic()))
+                return
+            except ServerError:
+                if time.monotonic() >= deadline:
+                    raise
 
     def interrupt(self, prompt_id: str | None = None) -> None:
         status, body = self.request("POST", "/interrupt", {"prompt_id": prompt_id} if prompt_id else {})

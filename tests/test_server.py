@@ -92,9 +92,8 @@ def test_edit_runs_end_to_end_and_again_after_unload_models_with_the_same_image(
     assert "Requested to load IP2PUNet" in server.log_since(mark)
 
     # "Unload models" + "Free model and node cache": ComfyUI must reach our modules ...
-    freed = server.log_mark()
-    server.free(unload_models=True, free_memory=True)
-    server.wait_for_log(r"ip2p: ComfyUI unloaded IP2P(UNet|VAE|TextEncoder)", since=freed, count=3)
+    server.free(unload_models=True, free_memory=True,
+                until_log=r"ip2p: ComfyUI unloaded IP2P(UNet|VAE|TextEncoder)", count=3)
 
     # ... and the same prompt reloads them transparently and makes the same pictures.
     again_mark = server.log_mark()
