@@ -9,6 +9,8 @@ from __future__ import annotations
 import comfy_harness
 import numpy as np
 import pytest
+import tiny_models
+from ip2p_nodes.pipeline_core.loading import save_single_file
 from PIL import Image
 
 comfy_harness.skip_without_comfyui()
@@ -22,6 +24,7 @@ OUR_NODES = {
     "IP2PSeedPlan": "IP2P Seed Batch",
 }
 MODEL = "tiny-ip2p.safetensors"
+PLAIN = "plain-sd15.safetensors"
 WIDTH, HEIGHT = 75, 53  # neither a multiple of 8: the output must still be exactly this size
 
 
@@ -33,6 +36,8 @@ def server(tmp_path_factory, tiny_single_file):
     shared = base / "shared-drive" / "ip2p"
     comfy_harness.copy_into(tiny_single_file, shared, MODEL)
     comfy_harness.copy_into(tiny_single_file, base / "models" / "instructpix2pix", "default-folder.safetensors")
+    unet, vae, te, _ = tiny_models.make_components(in_channels=4)  # a plain text-to-image model
+    save_single_file((unet, vae, te), base / "models" / "checkpoints" / PLAIN)
     (base / "input").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)).save(base / "input" / "photo.png")
@@ -40,15 +45,15 @@ def server(tmp_path_factory, tiny_single_file):
         yield srv
 
 
-def edit_prompt(seed=7, count=2, steps=3, prefix="ip2p"):
+def edit_prompt(seed=7, count=2, steps=3, prefix="ip2p", mode="increment", model=MODEL):
     """LoadImage -> our four nodes -> SaveImage, in ComfyUI's API format."""
     return {
         "1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
-        "2": {"class_type": "IP2PModelLoader", "inputs": {"model": MODEL, "hub_id": "", "precision": "auto"}},
+        "2": {"class_type": "IP2PModelLoader", "inputs": {"model": model, "hub_id": "", "precision": "auto"}},
         "3": {"class_type": "IP2PInstruction",
               "inputs": {"model": ["2", 0], "instruction": "make it look like a watercolor painting", "negative": ""}},
         "4": {"class_type": "IP2PSeedPlan",
-              "inputs": {"seed": seed, "count": count, "mode": "increment", "text_guidance_values": "",
+              "inputs": {"seed": seed, "count": count, "mode": mode, "text_guidance_values": "",
                          "image_guidance_values": ""}},
         "5": {"class_type": "IP2PSampler",
               "inputs": {"model": ["2", 0], "conditioning": ["3", 0], "image": ["1", 0], "seed": 0, "steps": steps,
@@ -123,3 +128,22 @@ def test_cancel_stops_the_edit_and_the_next_run_works(server):
     [saved] = server.output_files(after, "6")
     with Image.open(saved) as im:
         assert im.size == (WIDTH, HEIGHT)
+
+
+def test_random_seed_batch_makes_new_pictures_on_every_queue(server):
+    prompt = edit_prompt(count=1, steps=1, mode="random", prefix="random")
+    runs = [server.run_prompt(prompt) for _ in range(2)]
+    [first], [second] = (server.output_files(run, "6") for run in runs)
+    assert first != second  # the sampler ran again although the prompt is the same ...
+    assert not np.array_equal(pixels(first), pixels(second))  # ... with newly drawn seeds
+
+
+def test_a_plain_checkpoint_fails_on_the_loader_with_the_reason_and_the_next_run_works(server):
+    entry = server.wait_history(server.post_prompt(edit_prompt(model=PLAIN, count=1, steps=1, prefix="plain")))
+    assert entry["status"]["status_str"] == "error"
+    [error] = [data for kind, data in entry["status"]["messages"] if kind == "execution_error"]
+    assert error["node_type"] == "IP2PModelLoader"
+    assert f"{PLAIN}: UNet has 4 input channels" in error["exception_message"]
+
+    after = server.run_prompt(edit_prompt(count=1, steps=1, prefix="after-error"))
+    assert len(server.output_files(after, "6")) == 1
