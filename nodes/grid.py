@@ -24,7 +24,7 @@ class IP2PImageGrid(io.ComfyNode):
             inputs=[
                 io.Image.Input(
                     "images",
-                    tooltip="The batch to lay out, e.g. the sampler's image output; all pictures have the batch's size.",
+                    tooltip="The batch to lay out, e.g. the sampler's image output (all pictures share one size).",
                 ),
                 io.String.Input(
                     "labels",
