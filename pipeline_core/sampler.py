@@ -276,6 +276,8 @@ def edit(
     images = to_rgb(images)
     batch, height, width = images.shape[:3]
     masks = prepare_masks(mask, batch, height, width)
+    if masks is not None:
+        masks = masks.to(images.device)
 
     regions: list[Region] = [
         make_region(
