@@ -8,6 +8,8 @@ import torch
 from comfy_api.latest import io
 
 from ..pipeline_core import DEFAULT_SCHEDULER, SCHEDULER_NAMES, SeedPlan, edit
+from ..pipeline_core.masks import MAX_FEATHER
+from ..pipeline_core.resolution import MAX_WORKING_RESOLUTION
 from ..pipeline_core.schedulers import SCHEDULER_TOOLTIPS
 from ..pipeline_core.seeds import MAX_SEED
 from .loader import cached_model
@@ -37,8 +39,9 @@ class IP2PSampler(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Edits the image by the instruction with InstructPix2Pix's two guidance scales (text: how much to "
-                "change, image: how much to keep). The output has exactly the input's size. Shows progress per "
-                "step and stops within one step on Cancel."
+                "change, image: how much to keep). The output has exactly the input's size. Optional: a mask "
+                "to edit one region only, an edit strength (denoise) for subtle changes, the working resolution. "
+                "Shows progress per step and stops within one step on Cancel."
             ),
             inputs=[
                 ModelType.Input("model", tooltip="The model from IP2P Load Model (the same one the instruction used)."),
@@ -46,9 +49,10 @@ class IP2PSampler(io.ComfyNode):
                 io.Image.Input(
                     "image",
                     tooltip=(
-                        "The picture(s) to edit, any size (no crop, no resize; alpha is ignored). Every image of "
-                        "a batch is edited with every seed of the plan. The model was trained at 256-512 px; "
-                        "much larger pictures take longer and may repeat details."
+                        "The picture(s) to edit, any size; the output has the same size (alpha is ignored). "
+                        "Pictures larger than the working resolution are edited at it and scaled back, with the "
+                        "fine detail the edit left alone restored. Every image of a batch is edited with every "
+                        "seed of the plan."
                     ),
                 ),
                 io.Int.Input(
@@ -109,6 +113,64 @@ class IP2PSampler(io.ComfyNode):
                         "seed, and the guidance values it lists."
                     ),
                 ),
+                io.Mask.Input(
+                    "mask",
+                    optional=True,
+                    tooltip=(
+                        "Optional: where to edit (1/white = edit, 0/black = keep). Outside the mask the output is "
+                        "the input, pixel for pixel. Any size (resized to the picture); one mask for the whole "
+                        "batch or one per picture. An empty mask returns the input unchanged."
+                    ),
+                ),
+                io.Float.Input(
+                    "denoise",
+                    default=1.0,
+                    min=0.01,
+                    max=1.0,
+                    step=0.01,
+                    optional=True,
+                    tooltip=(
+                        "Edit strength. 1 = the full edit (the paper's sampler, from pure noise). Lower values "
+                        "start from the picture itself and keep its layout and colours: 0.5-0.8 for clear but "
+                        "faithful edits, 0.2-0.4 for subtle ones. Runs steps x denoise steps."
+                    ),
+                ),
+                io.Int.Input(
+                    "feather",
+                    default=0,
+                    min=0,
+                    max=MAX_FEATHER,
+                    optional=True,
+                    tooltip=(
+                        "Soft edge of the mask, in pixels: the edit fades in over this width inside the mask's "
+                        "border, so it blends into the kept part. 0 = hard edge; 8-32 px suits most pictures, "
+                        "more for large ones. Needs a mask."
+                    ),
+                ),
+                io.Boolean.Input(
+                    "crop_to_mask",
+                    default=False,
+                    optional=True,
+                    tooltip=(
+                        "Edit only a box around the mask, at the model's full working resolution, and paste it "
+                        "back: more detail for small regions of large pictures, and faster. Nothing outside the "
+                        "box changes. Needs a mask."
+                    ),
+                ),
+                io.Int.Input(
+                    "working_resolution",
+                    default=0,
+                    min=0,
+                    max=MAX_WORKING_RESOLUTION,
+                    step=64,
+                    optional=True,
+                    tooltip=(
+                        "The size the model edits at, as the side of a square of the same area (aspect is kept). "
+                        "0 = the model's own (512 for SD1.5). Larger pictures are scaled to it and back; smaller "
+                        "ones are edited at their own size. Useful 384-768 for SD1.5: higher is slower and may "
+                        "repeat subjects."
+                    ),
+                ),
             ],
             outputs=[
                 io.Image.Output(
@@ -120,7 +182,11 @@ class IP2PSampler(io.ComfyNode):
                 ),
                 io.Latent.Output(
                     display_name="latent",
-                    tooltip="The result as a ComfyUI LATENT (SD1.5 VAE space), e.g. for VAEDecode or a second pass.",
+                    tooltip=(
+                        "The result as a ComfyUI LATENT (SD1.5 VAE space) at the working resolution, before the "
+                        "mask blend, e.g. for VAEDecode or a second pass; with crop_to_mask, the final picture "
+                        "encoded at the whole picture's working resolution."
+                    ),
                 ),
                 io.String.Output(
                     display_name="labels",
@@ -141,6 +207,11 @@ class IP2PSampler(io.ComfyNode):
         image_guidance: float,
         scheduler: str,
         plan: SeedPlan | None = None,
+        mask: torch.Tensor | None = None,
+        denoise: float = 1.0,
+        feather: int = 0,
+        crop_to_mask: bool = False,
+        working_resolution: int = 0,
     ) -> io.NodeOutput:
         cached = cached_model(model)
         progress_bar = comfy.utils.ProgressBar(steps)
@@ -160,6 +231,11 @@ class IP2PSampler(io.ComfyNode):
             image_guidance=image_guidance,
             scheduler=scheduler,
             progress=progress,
+            mask=mask,
+            denoise=denoise,
+            feather=feather,
+            crop_to_mask=crop_to_mask,
+            working_resolution=working_resolution or None,
         )
         device = mm.intermediate_device()
         latent = {"samples": result.latents.to(device)}
