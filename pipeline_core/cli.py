@@ -47,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=DEFAULT_SCHEDULER)
     e.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
     e.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+    e.add_argument("--mask", default=None,
+                   help="mask image: white = edit here, black = keep exactly (any size; resized to the input)")
+    e.add_argument("--feather", type=int, default=0, help="mask edge blend width in pixels")
+    e.add_argument("--crop-to-mask", action="store_true",
+                   help="edit only a box around the mask at full working resolution (small regions in big pictures)")
+    e.add_argument("--denoise", type=float, default=1.0,
+                   help="edit strength 0.01-1: below 1 starts from the picture itself, so small changes stay small")
+    e.add_argument("--working-resolution", type=int, default=0,
+                   help="edit at about this many pixels squared (0 = the model's own, 512 for SD1.5)")
     e.add_argument("--tokenizer-dir", default=None,
                    help="CLIP tokenizer folder (vocab.json + merges.txt) for single-file SD1.5 checkpoints")
 
@@ -87,8 +96,11 @@ def run_edit(args: argparse.Namespace) -> list[Path]:
     image = load_image(args.input)
     cond = encode_instruction(model, args.instruction, args.negative)
     plan = make_plan(args.seed, args.count, args.seed_mode)
+    mask = load_image(args.mask)[..., 0] if args.mask else None  # grey value of the mask picture, 1 = edit
     result = edit(model, cond, image, plan, steps=args.steps, text_guidance=args.text_guidance,
-                  image_guidance=args.image_guidance, scheduler=args.scheduler, progress=_progress_bar("editing"))
+                  image_guidance=args.image_guidance, scheduler=args.scheduler, progress=_progress_bar("editing"),
+                  mask=mask, feather=args.feather, crop_to_mask=args.crop_to_mask, denoise=args.denoise,
+                  working_resolution=args.working_resolution or None)
     out = Path(args.output)
     paths = []
     for i, (img, (_, item)) in enumerate(zip(result.images, result.items)):

@@ -45,3 +45,17 @@ def test_cli_reports_an_unreadable_image(tmp_path, tiny_folder, caplog):
     rc = cli.main(["edit", str(bad), "x", "-o", str(tmp_path / "o.png"), "--model", str(tiny_folder)])
     assert rc == 2
     assert "cannot be read as an image" in caplog.text
+
+
+def test_cli_mask_keeps_everything_outside_it_exactly(tmp_path, photo, tiny_folder):
+    mask = np.zeros((45, 61), dtype=np.uint8)
+    mask[10:30, 20:50] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    out = tmp_path / "o.png"
+    rc = cli.main(["edit", str(photo), "make it red", "-o", str(out), "--model", str(tiny_folder), "--steps", "2",
+                   "--precision", "fp32", "--mask", str(tmp_path / "mask.png"), "--denoise", "0.8"])
+    assert rc == 0
+    src, res = np.asarray(Image.open(photo)), np.asarray(Image.open(out))
+    outside = mask == 0
+    assert np.array_equal(src[outside], res[outside])
+    assert not np.array_equal(src[~outside], res[~outside])
