@@ -61,6 +61,15 @@ def browser_missing() -> str | None:
     return None
 
 
+def _requires_browser():
+    reason = browser_missing()
+    return pytest.mark.skipif(reason is not None, reason=reason or "")
+
+
+requires_browser = _requires_browser()
+"""Marks a test that needs Playwright and Chromium: skipped (with the reason) before any fixture starts."""
+
+
 def skip_without_browser() -> None:
     reason = browser_missing()
     if reason:
