@@ -96,6 +96,16 @@ def decode_latents(model: CachedModel, latents: torch.Tensor, size: tuple[int, i
     return vae_to_comfy(torch.cat(out), size)
 
 
+def unet_activation_bytes(model: CachedModel, latent_area: int, batch: int) -> int:
+    """Rough peak activation memory of one UNet call, for ComfyUI's memory manager to make room.
+
+    Same heuristic ComfyUI uses for its own SD UNets (``BaseModel.memory_required``: 0.6/50 MiB per latent
+    pixel and byte of dtype), so our runs and native ones compete for memory on the same terms.
+    """
+    dtype_bytes = torch.finfo(model.components.precision.unet).bits // 8
+    return int(batch * latent_area * dtype_bytes * 0.6 / 50 * 1024 * 1024)
+
+
 def _step_kwargs(scheduler, gens: list[torch.Generator]) -> dict:
     # As diffusers' prepare_extra_step_kwargs: only ancestral/SDE schedulers take a generator, DDIM an eta.
     params = set(inspect.signature(scheduler.step).parameters)
@@ -293,7 +303,9 @@ def edit(
         elif region.size.resized or not region.whole:
             log.info("ip2p: image %d: editing box %s at %s", b, region.box, region.size.describe())
 
-    model.ensure_loaded("unet", "vae")
+    largest = max((r.size.latent[0] * r.size.latent[1] for r in regions), default=0)
+    passes = max(len(guidance.required_passes(s_t, s_i)) for s_t, s_i in resolved)
+    model.ensure_loaded("unet", "vae", memory_required=unet_activation_bytes(model, largest, passes * max(1, max_batch)))
     image_latents = [encode_images(model, r.low)[0] for r in regions]
     jobs = [(b, k) for b in range(batch) for k in range(len(items))]
     # Group by guidance scales (they decide which passes run) and latent size (crops differ), keeping output

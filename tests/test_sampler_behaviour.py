@@ -157,3 +157,24 @@ def test_nan_image_is_refused(fp32_model):
         edit(fp32_model, cond, bad, SeedPlan.single(1), steps=1)
 
 
+
+
+def test_the_memory_manager_is_asked_for_room_that_grows_with_the_picture(tiny_folder):
+    from ip2p_nodes.pipeline_core import ModelCache, ModelSource, Residency
+
+    asked = []
+
+    class Recording(Residency):
+        def load(self, components, handle, names, memory_required=0):
+            if "unet" in names:
+                asked.append(memory_required)
+            super().load(components, handle, names, memory_required)
+
+    cache = ModelCache(residency=Recording())
+    model = cache.get(cache.key_for(ModelSource("diffusers", str(tiny_folder)), "fp32", "cpu"))
+    cond = encode_instruction(model, "add snow")
+    edit(model, cond, _img(32, 32), SeedPlan.single(1), steps=1)
+    edit(model, cond, _img(64, 64), SeedPlan.single(1), steps=1)
+    edit(model, cond, _img(64, 64), SeedPlan.single(1), steps=1, image_guidance=1.0)  # two passes, not three
+    small, large, fewer_passes = asked
+    assert 0 < small and large == 4 * small and fewer_passes * 3 == large * 2
