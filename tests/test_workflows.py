@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import tomllib
 import urllib.request
@@ -138,10 +139,14 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("workflows")
     start = time.perf_counter()
     folders = model_files.write_model_tree(root / "models")
-    with comfy_harness.comfy_server(root / "comfy", {key: [path] for key, path in folders.items()}) as server:
-        write_example_image(server.input_dir / "example.png")
-        print(f"model files + server start: {time.perf_counter() - start:.1f} s")
-        yield server
+    try:
+        with comfy_harness.comfy_server(root / "comfy", {key: [path] for key, path in folders.items()}) as server:
+            write_example_image(server.input_dir / "example.png")
+            print(f"model files + server start: {time.perf_counter() - start:.1f} s")
+            yield server
+    finally:
+        # 2.7 GB of random weights: pytest keeps the last few temp dirs, so do not leave them behind.
+        shutil.rmtree(root / "models", ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
