@@ -177,4 +177,6 @@ def test_the_memory_manager_is_asked_for_room_that_grows_with_the_picture(tiny_f
     edit(model, cond, _img(64, 64), SeedPlan.single(1), steps=1)
     edit(model, cond, _img(64, 64), SeedPlan.single(1), steps=1, image_guidance=1.0)  # two passes, not three
     small, large, fewer_passes = asked
-    assert 0 < small and large == 4 * small and fewer_passes * 3 == large * 2
+    assert 0 < small
+    assert large == pytest.approx(4 * small, abs=4)
+    assert fewer_passes == pytest.approx(large * 2 / 3, abs=4)
