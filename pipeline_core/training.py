@@ -581,9 +581,11 @@ def fine_tune(model: str, data: str, out: Path, config: TrainConfig, resolution:
 
 # ----------------------------------------------------------------------------------------------- CLI
 
-def _config_from_args(args) -> TrainConfig:
+def _config_from_args(args, base: TrainConfig | None = None) -> TrainConfig:
+    """The options given on the command line over ``base`` (the toy recipe, or the defaults)."""
     names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return TrainConfig(**{**asdict(base or TrainConfig()), **given})
 
 
 def _add_train_options(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
@@ -598,15 +600,15 @@ def _add_train_options(p: argparse.ArgumentParser, defaults: TrainConfig) -> Non
     p.add_argument("--ema-decay", dest="ema_decay", type=float, default=defaults.ema_decay)
     p.add_argument("--snr-gamma", dest="snr_gamma", type=float, default=defaults.snr_gamma)
     p.add_argument("--warmup-steps", dest="warmup_steps", type=int, default=defaults.warmup_steps)
+    p.add_argument("--cosine-decay", dest="cosine_decay", action=argparse.BooleanOptionalAction,
+                   default=defaults.cosine_decay, help="decay the learning rate to 10%% along a cosine")
     p.add_argument("--precision", dest="mixed_precision", choices=("bf16", "no"), default=defaults.mixed_precision)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=defaults.checkpoint_every)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .errors import IP2PError
-
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ip2p_nodes.pipeline_core.training",
                                      description="Train or fine-tune InstructPix2Pix models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -627,16 +629,29 @@ def main(argv: list[str] | None = None) -> int:
     _add_train_options(ty, toy.recipe_config())
     # The toy UNet is too small to gain from more threads, and on a shared machine extra threads cost a lot.
     ty.set_defaults(threads=1)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_config(args: argparse.Namespace) -> TrainConfig:
+    from . import toy
+
+    return _config_from_args(args, toy.recipe_config() if args.command == "toy" else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import toy
+    from .errors import IP2PError
+
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         if args.command == "train":
-            folder, single = fine_tune(args.model, args.data, args.out, _config_from_args(args), args.resolution,
+            folder, single = fine_tune(args.model, args.data, args.out, parse_config(args), args.resolution,
                                        args.restart)
         else:
-            folder, single = toy.build_toy(args.out, _config_from_args(args), vae_steps=args.vae_steps,
+            folder, single = toy.build_toy(args.out, parse_config(args), vae_steps=args.vae_steps,
                                            n_triplets=args.triplets, install=args.install)
     except IP2PError as exc:
         log.error("%s", exc)

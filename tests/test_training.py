@@ -41,7 +41,7 @@ def _trainer(tmp_path, parts=None, **overrides) -> Trainer:
 
 
 def test_a_few_training_steps_lower_the_loss_on_a_fixed_batch(tmp_path):
-    trainer = _trainer(tmp_path, steps=40)
+    trainer = _trainer(tmp_path, steps=15, learning_rate=3e-3)
     fixed = trainer.draw(batch_size=8)  # same examples, noise, timesteps and dropout before and after
 
     with torch.no_grad():
@@ -163,3 +163,32 @@ def test_triplets_are_read_from_a_folder_a_manifest_and_the_synthetic_world(tmp_
     (plain / "ex0.txt").unlink()
     with pytest.raises(InputError, match="ex0.txt"):
         read_folder(plain)
+
+
+def test_fine_tuning_from_the_command_line_resumes_and_writes_a_model_the_loader_reads(tmp_path, tiny_folder, caplog):
+    from ip2p_nodes.pipeline_core.training import CHECKPOINT_NAME, main
+
+    args = ["train", "--model", str(tiny_folder), "--data", "synthetic:8", "--out", str(tmp_path / "run"),
+            "--batch-size", "4", "--lora-rank", "2", "--precision", "no", "--checkpoint-every", "1"]
+    assert main(args + ["--steps", "2"]) == 0
+    assert main(args + ["--steps", "4"]) == 0  # the same command, more steps: continues from step 2
+    assert "at step 2" in caplog.text
+    state = torch.load(str(tmp_path / "run" / "checkpoints" / CHECKPOINT_NAME), weights_only=True)
+    assert state["step"] == 4 and len(state["losses"]) == 4
+    assert (tmp_path / "run" / "lora.safetensors").is_file()
+    cache = ModelCache()
+    model = cache.get(cache.key_for(ModelSource("single_file", str(tmp_path / "run" / "model.safetensors")), "fp32", "cpu"))
+    assert model.components.unet.config.in_channels == 8
+
+    assert main(["train", "--model", str(tiny_folder), "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    assert "no such data folder" in caplog.text
+
+
+def test_the_toy_command_trains_with_exactly_the_shipped_recipe():
+    from ip2p_nodes.pipeline_core import toy
+    from ip2p_nodes.pipeline_core.training import build_parser, parse_config
+
+    args = build_parser().parse_args(["toy", "--out", "x"])
+    assert parse_config(args) == toy.recipe_config()
+    assert args.vae_steps == toy.RECIPE["vae_steps"] and args.triplets == toy.RECIPE["triplets"]
+    assert parse_config(build_parser().parse_args(["toy", "--out", "x", "--steps", "5"])).steps == 5
