@@ -23,6 +23,10 @@ from .toy import SAMPLE_INSTRUCTION, sample_image_path, toy_model_path
 
 log = logging.getLogger(__name__)
 
+# The toy model's best text guidance in the evaluation grid (7.5, the paper's default, over-saturates it and
+# lowers its success rate from ~80% to ~60%); image guidance stays at the paper's 1.5.
+TOY_TEXT_GUIDANCE = 3.0
+
 
 @dataclass
 class DemoResult:
@@ -33,7 +37,7 @@ class DemoResult:
 
 
 def run_demo(out_path: str | Path, instruction: str = SAMPLE_INSTRUCTION, image: str | Path | None = None,
-             seed: int = 0, steps: int = 20, text_guidance: float = 7.5, image_guidance: float = 1.5,
+             seed: int = 0, steps: int = 20, text_guidance: float = TOY_TEXT_GUIDANCE, image_guidance: float = 1.5,
              scale: int = 8, cache: ModelCache | None = None) -> DemoResult:
     """Edit the sample picture (or ``image``) with the toy model; write ``input | edit`` enlarged ``scale`` times.
 
@@ -52,4 +56,4 @@ def run_demo(out_path: str | Path, instruction: str = SAMPLE_INSTRUCTION, image:
     return DemoResult(Path(path), instruction, picture, result.images[:1])
 
 
-__all__ = ["DemoResult", "run_demo"]
+__all__ = ["DemoResult", "TOY_TEXT_GUIDANCE", "run_demo"]

@@ -254,8 +254,10 @@ def report(model, per_kind: int = 20, steps: int = 20, seed: int = 0, table: boo
            table_per_kind: int = 8) -> str:
     """The printed evaluation: baselines, the default setting, and the guidance grid."""
     held_out = synthetic.balanced_set(per_kind, seed=seed, size=synthetic.BASE_SIZE)
-    header = f"{'':<38} {'all':>6} " + " ".join(f"{k:>6}" for k in EDIT_KINDS) + f"  {'PSNR':>6} {'SSIM':>6} {'keep dB':>7}"
-    lines = [f"held-out triplets: {len(held_out)} ({per_kind} per edit kind), {steps} steps euler_ancestral, seed {seed}",
+    kinds = " ".join(f"{k:>6}" for k in EDIT_KINDS)
+    header = f"{'':<38} {'all':>6} {kinds}  {'PSNR':>6} {'SSIM':>6} {'keep dB':>7}"
+    lines = [f"held-out triplets: {len(held_out)} ({per_kind} per edit kind), {steps} steps euler_ancestral, "
+             f"seed {seed}",
              "success = rule check per instruction; PSNR/SSIM to the true edit; keep = PSNR to the input outside "
              "the edit region", header]
     for label, s in baselines(held_out, model.components.vae).items():
@@ -265,7 +267,8 @@ def report(model, per_kind: int = 20, steps: int = 20, seed: int = 0, table: boo
     log.info("default-setting evaluation took %.0f s", time.time() - start)
     if table:
         subset = synthetic.balanced_set(table_per_kind, seed=seed, size=synthetic.BASE_SIZE)
-        lines += ["", f"guidance grid on {len(subset)} held-out triplets (text guidance s_T x image guidance s_I):", header]
+        lines += ["", f"guidance grid on {len(subset)} held-out triplets (text guidance s_T x image guidance s_I):",
+                  header]
         for s_t, s_i, s in guidance_table(model, subset, steps=steps, seed=seed):
             lines.append(_row(f"s_T {s_t:>4} / s_I {s_i:>4}", s))
     return "\n".join(lines)

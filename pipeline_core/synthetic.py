@@ -148,7 +148,9 @@ def random_scene(rng: np.random.Generator) -> Scene:
     return Scene(list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))], tuple(shapes))
 
 
-def random_edit(scene: Scene, rng: np.random.Generator, kind: str | None = None) -> tuple[str, Scene, Shape | None, str]:
+def random_edit(
+    scene: Scene, rng: np.random.Generator, kind: str | None = None
+) -> tuple[str, Scene, Shape | None, str]:
     """Pick an edit for ``scene``: returns (instruction, edited scene, target shape, kind)."""
     kind = kind or EDIT_KINDS[int(rng.integers(len(EDIT_KINDS)))]
     shapes = list(scene.shapes)
@@ -215,6 +217,7 @@ def export(folder, n: int, seed: int = 0, split: str = "train", size: int = BASE
     for i, t in enumerate(triplets(n, seed, split, size)):
         for name, arr in (("input", t.input), ("edited", t.edited)):
             Image.fromarray((arr * 255).round().astype(np.uint8)).save(folder / f"{i:06d}_{name}.png")
-        lines.append(json.dumps({"input": f"{i:06d}_input.png", "edited": f"{i:06d}_edited.png", "instruction": t.instruction}))
+        row = {"input": f"{i:06d}_input.png", "edited": f"{i:06d}_edited.png", "instruction": t.instruction}
+        lines.append(json.dumps(row))
     (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     return folder / "manifest.jsonl"

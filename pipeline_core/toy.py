@@ -52,7 +52,11 @@ def sample_image_path() -> Path:
 
 def _byte_symbols() -> list[str]:
     """GPT-2/CLIP's printable stand-in for each of the 256 byte values."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     extra = iter(range(256, 512))
     return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
@@ -111,7 +115,8 @@ def write_tokenizer(directory: Path, words: list[str] = WORDS):
     symbols = _byte_symbols()
     merges = word_merges(words)
     vocab: dict[str, int] = {}
-    for s in symbols + [s + "</w>" for s in symbols] + [a + b for a, b in merges] + ["<|startoftext|>", "<|endoftext|>"]:
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    for s in symbols + [s + "</w>" for s in symbols] + [a + b for a, b in merges] + specials:
         vocab.setdefault(s, len(vocab))
     (directory / "vocab.json").write_text(json.dumps(vocab))
     (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))

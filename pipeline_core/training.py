@@ -129,7 +129,8 @@ def read_folder(folder: Path) -> list[TripletRecord]:
         if suffix not in IMAGE_SUFFIXES or not stem.endswith("_input"):
             continue
         name = stem[: -len("_input")]
-        dst = next((folder / f"{name}_edited{s}" for s in IMAGE_SUFFIXES if (folder / f"{name}_edited{s}").is_file()), None)
+        candidates = [folder / f"{name}_edited{s}" for s in IMAGE_SUFFIXES]
+        dst = next((p for p in candidates if p.is_file()), None)
         txt = folder / f"{name}.txt"
         if dst is None or not txt.is_file():
             raise InputError(f"{src}: found no matching {name}_edited.<png|jpg> and {name}.txt in {folder}")
@@ -171,7 +172,8 @@ def _picture(item: Any, resolution: int | None) -> np.ndarray:
             if resolution:
                 # Shorter side to `resolution`, centre crop: the same geometry for input and edit.
                 scale = resolution / min(im.size)
-                im = im.resize((max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale))), Image.BICUBIC)
+                size = (max(resolution, round(im.width * scale)), max(resolution, round(im.height * scale)))
+                im = im.resize(size, Image.BICUBIC)
                 left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
                 im = im.crop((left, top, left + resolution, top + resolution))
             arr = np.asarray(im, dtype=np.float32) / 255.0
@@ -199,12 +201,15 @@ def encode_dataset(vae, records: Sequence[TripletRecord], resolution: int | None
     dtype = next(vae.parameters()).dtype
     scaling = float(vae.config.scaling_factor)
     ins, outs = [], []
-    for start in tqdm(range(0, len(records), batch_size), desc="encoding triplets", disable=not progress, mininterval=5):
+    starts = range(0, len(records), batch_size)
+    for start in tqdm(starts, desc="encoding triplets", disable=not progress, mininterval=5):
         chunk = records[start : start + batch_size]
         pics = [(_picture(r.input, resolution), _picture(r.edited, resolution)) for r in chunk]
         shapes = {p.shape for pair in pics for p in pair}
         if len(shapes) != 1:
-            raise InputError(f"training pictures differ in size ({sorted(shapes)[:3]}); pass a resolution to crop them alike")
+            raise InputError(
+                f"training pictures differ in size ({sorted(shapes)[:3]}); pass a resolution to crop them alike"
+            )
         x = torch.from_numpy(np.stack([p for pair in pics for p in pair])).permute(0, 3, 1, 2) * 2.0 - 1.0
         z = vae.encode(x.to(dtype)).latent_dist.mode().float()
         ins.append(z[0::2])
@@ -414,7 +419,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], self.config.grad_clip)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
         self.optimizer.step()
         self.lr_scheduler.step()
         if self.ema is not None:
@@ -430,7 +436,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         end = self.config.steps if steps is None else min(self.config.steps, self.state.step + steps)
-        bar = tqdm(total=self.config.steps, initial=self.state.step, desc="training", disable=not progress, mininterval=5)
+        bar = tqdm(total=self.config.steps, initial=self.state.step, desc="training", disable=not progress,
+                   mininterval=5)
         started, first = time.time(), self.state.step
         try:
             while self.state.step < end:
@@ -486,13 +493,16 @@ class Trainer:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise InputError(f"{path}: cannot be read as a training checkpoint ({exc}); delete it to start over") from exc
+            raise InputError(
+                f"{path}: cannot be read as a training checkpoint ({exc}); delete it to start over"
+            ) from exc
         saved = {k: v for k, v in state["config"].items() if k not in ("steps", "checkpoint_every", "log_every")}
         now = {k: v for k, v in asdict(self.config).items() if k in saved}
         changed = {k: (saved[k], now[k]) for k in saved if saved[k] != now.get(k)}
         if changed:
             raise InputError(
-                f"{path}: was written with different settings ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())}); "
+                f"{path}: was written with different settings "
+                f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())}); "
                 "resume with the same settings, or use a new output folder"
             )
         params = self.trainable()

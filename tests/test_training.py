@@ -13,7 +13,6 @@ from ip2p_nodes.pipeline_core.errors import InputError
 from ip2p_nodes.pipeline_core.training import (
     TrainConfig,
     Trainer,
-    add_lora,
     encode_dataset,
     read_data,
     read_folder,
@@ -177,10 +176,12 @@ def test_fine_tuning_from_the_command_line_resumes_and_writes_a_model_the_loader
     assert state["step"] == 4 and len(state["losses"]) == 4
     assert (tmp_path / "run" / "lora.safetensors").is_file()
     cache = ModelCache()
-    model = cache.get(cache.key_for(ModelSource("single_file", str(tmp_path / "run" / "model.safetensors")), "fp32", "cpu"))
+    single = ModelSource("single_file", str(tmp_path / "run" / "model.safetensors"))
+    model = cache.get(cache.key_for(single, "fp32", "cpu"))
     assert model.components.unet.config.in_channels == 8
 
-    assert main(["train", "--model", str(tiny_folder), "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    missing = ["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]
+    assert main(["train", "--model", str(tiny_folder)] + missing) == 2
     assert "no such data folder" in caplog.text
 
 
