@@ -116,15 +116,20 @@ def main() -> None:
                 inp = inp.contiguous(memory_format=torch.channels_last)
             emb = torch.randn(3, 77, c.text_encoder.config.hidden_size, dtype=c.precision.unet)
             floor = timed(lambda: c.unet(inp, 500, encoder_hidden_states=emb), args.repeats)
-            rows.append((f"  UNet batch-of-3 forward ({resolved.name})", floor))
-            rows.append((f"  overhead outside the UNet ({resolved.name})", t - floor * args.steps))
+            rows.append((f"  UNet floor: steps x batch-of-3 forward ({resolved.name})", floor * args.steps))
+            rows.append((f"  everything else: VAE, scheduler, Python ({resolved.name})", t - floor * args.steps))
             del cache, model
 
     print(f"\nmodel={args.model} resolution={args.resolution} steps={args.steps} threads={torch.get_num_threads()}")
-    print(f"{'what':50s} {'seconds':>9s} {'s/step':>8s} {'vs anchor':>10s}")
+    print(f"{'what (one edit)':58s} {'seconds':>9s} {'s/step':>8s} {'share':>6s} {'vs anchor':>10s}")
+    total = anchor
     for name, secs in rows:
-        ratio = f"{anchor / secs:9.2f}x" if not name.startswith("  ") else ""
-        print(f"{name:50s} {secs:9.3f} {secs / args.steps:8.3f} {ratio:>10s}")
+        if not name.startswith("  "):
+            total = secs
+            share, ratio = "", f"{anchor / secs:9.2f}x"
+        else:
+            share, ratio = f"{100 * secs / total:5.0f}%", ""
+        print(f"{name:58s} {secs:9.3f} {secs / args.steps:8.3f} {share:>6s} {ratio:>10s}")
 
 
 if __name__ == "__main__":
