@@ -251,8 +251,8 @@ def _row(label: str, s: Scores) -> str:
 
 
 def report(model, per_kind: int = 20, steps: int = 20, seed: int = 0, table: bool = True,
-           table_per_kind: int = 8) -> str:
-    """The printed evaluation: baselines, the default setting, and the guidance grid."""
+           table_per_kind: int = 8, settings=((7.5, 1.5), (3.0, 1.5))) -> str:
+    """The printed evaluation: baselines, the paper's default setting (and others), and the guidance grid."""
     held_out = synthetic.balanced_set(per_kind, seed=seed, size=synthetic.BASE_SIZE)
     kinds = " ".join(f"{k:>6}" for k in EDIT_KINDS)
     header = f"{'':<38} {'all':>6} {kinds}  {'PSNR':>6} {'SSIM':>6} {'keep dB':>7}"
@@ -262,9 +262,10 @@ def report(model, per_kind: int = 20, steps: int = 20, seed: int = 0, table: boo
              "the edit region", header]
     for label, s in baselines(held_out, model.components.vae).items():
         lines.append(_row(label, s))
-    start = time.time()
-    lines.append(_row("model, text 7.5 / image 1.5", evaluate(model, held_out, 7.5, 1.5, steps, seed)))
-    log.info("default-setting evaluation took %.0f s", time.time() - start)
+    for s_t, s_i in settings:
+        start = time.time()
+        lines.append(_row(f"model, text {s_t} / image {s_i}", evaluate(model, held_out, s_t, s_i, steps, seed)))
+        log.info("evaluation at s_T %s / s_I %s took %.0f s", s_t, s_i, time.time() - start)
     if table:
         subset = synthetic.balanced_set(table_per_kind, seed=seed, size=synthetic.BASE_SIZE)
         lines += ["", f"guidance grid on {len(subset)} held-out triplets (text guidance s_T x image guidance s_I):",

@@ -253,7 +253,7 @@ RECIPE = {
     "vae_steps": 2000,
     "triplets": 20_000,
     "train": {
-        "steps": 9000, "batch_size": 32, "learning_rate": 5e-4, "text_encoder_lr": 5e-4, "ema_decay": 0.999,
+        "steps": 15000, "batch_size": 32, "learning_rate": 5e-4, "text_encoder_lr": 5e-4, "ema_decay": 0.999,
         "snr_gamma": 5.0, "warmup_steps": 200, "cosine_decay": False, "mixed_precision": "no",
         "checkpoint_every": 250, "log_every": 50, "seed": 0,
     },
