@@ -60,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CLIP tokenizer folder (vocab.json + merges.txt) for single-file SD1.5 checkpoints")
 
     d = sub.add_parser("demo", help="edit the shipped sample with the shipped toy model (no download)")
-    d.add_argument("-o", "--output", default="ip2p-demo.png")
+    d.add_argument("-o", "--output", default="ip2p-demo.png", help="where to write 'input | edit', enlarged")
+    d.add_argument("--instruction", default=None, help='e.g. "remove the triangle", "add a green star"')
+    d.add_argument("--image", default=None, help="a 32x32 shapes picture (default: the shipped sample)")
+    d.add_argument("--seed", type=int, default=0)
     for q in (e, d):
         q.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -118,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             run_edit(args)
         else:
             from .demo import run_demo
+            from .toy import SAMPLE_INSTRUCTION
 
-            run_demo(Path(args.output))
+            run_demo(Path(args.output), instruction=args.instruction or SAMPLE_INSTRUCTION, image=args.image,
+                     seed=args.seed)
     except IP2PError as exc:
         log.error("error: %s", exc)
         return 2

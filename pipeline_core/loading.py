@@ -112,10 +112,17 @@ def check_unet_channels(in_channels: int, where: str) -> None:
         )
 
 
+def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    # Cast only when needed: diffusers warns on every dtype cast, even a no-op one, which would put a
+    # meaningless warning in every user's log on every load.
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+    module.to(device=device).eval().requires_grad_(False)
+
+
 def _finish(unet, vae, text_encoder, tokenizer, scheduler_config, precision: Precision, device, source) -> IP2PComponents:
-    unet.to(device=device, dtype=precision.unet).eval().requires_grad_(False)
-    vae.to(device=device, dtype=precision.vae).eval().requires_grad_(False)
-    text_encoder.to(device=device, dtype=precision.text_encoder).eval().requires_grad_(False)
+    for module, dtype in ((unet, precision.unet), (vae, precision.vae), (text_encoder, precision.text_encoder)):
+        _place(module, device, dtype)
     if device.type == "cpu" and precision.unet == torch.bfloat16:
         # oneDNN's bf16 convolutions are fastest in NHWC; ~3x over fp32 NCHW on AMX/AVX512-BF16 CPUs.
         unet.to(memory_format=torch.channels_last)

@@ -59,3 +59,19 @@ def test_cli_mask_keeps_everything_outside_it_exactly(tmp_path, photo, tiny_fold
     outside = mask == 0
     assert np.array_equal(src[outside], res[outside])
     assert not np.array_equal(src[~outside], res[~outside])
+
+
+def test_cli_demo_edits_the_shipped_sample_with_no_download(tmp_path, monkeypatch):
+    import socket
+
+    def refuse(*a, **k):
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    out = tmp_path / "demo.png"
+    assert cli.main(["demo", "-o", str(out), "--instruction", "make the circle red"]) == 0
+    pair = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    h, w, _ = pair.shape
+    before, after = pair[:, : w // 2], pair[:, w // 2 :]
+    red = lambda im: ((im[..., 0] > 180) & (im[..., 1] < 90) & (im[..., 2] < 90)).sum()  # noqa: E731
+    assert red(after) > red(before) + 100  # the sample's circle is blue; the edit makes it red
