@@ -21,9 +21,9 @@ class IP2PModelLoader(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Loads an InstructPix2Pix model (an SD1.5 model whose UNet also reads the input image) from "
-                "models/instructpix2pix, models/checkpoints or models/diffusers. Loaded once and shared by every "
-                "IP2P node; ComfyUI's 'Unload models' frees it and the next run reloads it. Nothing is downloaded "
-                "unless you type a hub_id."
+                "models/instructpix2pix, models/checkpoints or models/diffusers, or the pack's embedded toy demo "
+                "model (coloured shapes). Loaded once and shared by every IP2P node; ComfyUI's 'Unload models' "
+                "frees it and the next run reloads it. Nothing is downloaded unless you type a hub_id."
             ),
             inputs=[
                 io.Combo.Input(
@@ -34,7 +34,10 @@ class IP2PModelLoader(io.ComfyNode):
                         "diffusers folders (with model_index.json) from models/diffusers. It must be an "
                         "InstructPix2Pix model (8-channel UNet, e.g. instruct-pix2pix-00-22000.safetensors or a "
                         "MagicBrush fine-tune); a plain SD checkpoint is refused because it would ignore the "
-                        "picture. Press R after adding files."
+                        "picture. Press R after adding files. The last entry, toy-ip2p, is a tiny demo model "
+                        "shipped with the pack: it only knows 32x32 pictures of coloured shapes and instructions "
+                        "like 'make the circle red' (best at text guidance 3, image guidance 1.5); try it with "
+                        "the toy_demo workflow."
                     ),
                 ),
                 io.String.Input(

@@ -4,6 +4,10 @@ Choices come from three ComfyUI model folders: ``instructpix2pix`` (registered b
 (single files) and ``diffusers`` (folders holding ``model_index.json``). Single files carry no CLIP tokenizer;
 inside ComfyUI they get ComfyUI's own bundled SD1 tokenizer, so an SD1.5 IP2P ``.safetensors`` loads with no
 network at all.
+
+The pack's embedded toy model (:mod:`pipeline_core.toy`, 32 x 32 pictures of coloured shapes) is always the last
+choice: a user's own models come first, so a new loader node defaults to one of them, and with no model at all
+the toy model is the default, so the node and the ``toy_demo`` workflow run without any download.
 """
 
 from __future__ import annotations
@@ -17,13 +21,13 @@ import folder_paths
 
 from ..pipeline_core.errors import ModelLoadError
 from ..pipeline_core.loading import SINGLE_FILE_SUFFIXES, ModelSource
+from ..pipeline_core.toy import TOY_MODEL_CHOICE, toy_model_path
 
 log = logging.getLogger(__name__)
 
 IP2P_FOLDER = "instructpix2pix"
 FILE_FOLDERS = (IP2P_FOLDER, "checkpoints")  # searched in this order; a name in both resolves to ours
 DIFFUSERS_FOLDER = "diffusers"
-NO_MODELS = "(no model found: put an InstructPix2Pix model in models/instructpix2pix)"
 
 
 def register_model_folder() -> str:
@@ -74,13 +78,12 @@ def diffusers_folders() -> list[str]:
 
 
 def list_choices() -> list[str]:
-    """Names for the loader's dropdown: IP2P folder files, checkpoint files, then diffusers folders."""
+    """Names for the loader's dropdown: IP2P folder files, checkpoint files, diffusers folders, the toy model."""
     names: list[str] = []
     for name in [*_single_files(IP2P_FOLDER), *_single_files("checkpoints"), *diffusers_folders()]:
         if name not in names:
             names.append(name)
-    # An empty dropdown would make the node unusable even with a hub id typed; this entry says what to do.
-    return names or [NO_MODELS]
+    return [*names, TOY_MODEL_CHOICE]
 
 
 def _with_tokenizer(source: ModelSource) -> ModelSource:
@@ -95,7 +98,10 @@ def resolve(choice: str, hub_id: str = "") -> ModelSource:
     if hub_id:
         # A typed local path works too; only an owner/name id can ever reach the network.
         return _with_tokenizer(ModelSource.from_path(hub_id))
-    if not choice or choice == NO_MODELS:
+    if choice == TOY_MODEL_CHOICE:
+        # It carries its own tokenizer (a word-level vocabulary of the shapes world): ComfyUI's SD1 one is not used.
+        return ModelSource("single_file", str(toy_model_path()))
+    if not choice:
         raise ModelLoadError(
             "no model picked: copy an InstructPix2Pix checkpoint (e.g. instruct-pix2pix-00-22000.safetensors) "
             f"into {os.path.join(folder_paths.models_dir, IP2P_FOLDER)}, or a diffusers model folder into "

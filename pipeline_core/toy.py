@@ -32,6 +32,9 @@ MODELS_DIR = Path(__file__).parent / "models"
 TOY_MODEL_NAME = "toy-ip2p.safetensors"
 SAMPLE_IMAGE_NAME = "toy-sample.png"
 SAMPLE_INSTRUCTION = "make the circle red"
+# How the ComfyUI loader lists it. Not a file name (spaces, parentheses, no extension), so no file in a model
+# folder can take its place; the example workflow toy_demo.json names it.
+TOY_MODEL_CHOICE = "toy-ip2p (embedded demo model, shapes)"
 MAX_TOKENS = 16
 WORDS = sorted({w for phrase in (
     "make the circle square triangle star turn into a remove add it darker", " ".join(synthetic.COLOURS),
@@ -319,6 +322,19 @@ def sample_scene() -> synthetic.Scene:
         Shape("circle", "blue", 0, *slot_centre(0), 5.0),
         Shape("triangle", "yellow", 3, *slot_centre(3), 5.0),
     ))
+
+
+def sample_triplet() -> synthetic.Triplet:
+    """The sample scene, :data:`SAMPLE_INSTRUCTION` and its exactly correct edit (the circle turned red).
+
+    For :func:`evaluation.rule_check` of what the demo and the ``toy_demo`` workflow make of the sample.
+    """
+    from dataclasses import replace
+
+    before = sample_scene()
+    after = replace(before, shapes=(replace(before.shapes[0], colour="red"),) + before.shapes[1:])
+    return synthetic.Triplet(synthetic.render(before), SAMPLE_INSTRUCTION, synthetic.render(after), "recolor",
+                             before, after, after.shapes[0])
 
 
 def write_sample_image(path: Path | None = None) -> Path:

@@ -31,6 +31,7 @@ from ip2p_nodes.nodes.seed_plan import IP2PSeedPlan  # noqa: E402
 from ip2p_nodes.pipeline_core import MODEL_CACHE  # noqa: E402
 from ip2p_nodes.pipeline_core.errors import InputError, ModelLoadError  # noqa: E402
 from ip2p_nodes.pipeline_core.loading import save_single_file  # noqa: E402
+from ip2p_nodes.pipeline_core.toy import TOY_MODEL_CHOICE, toy_model_path  # noqa: E402
 
 pytestmark = pytest.mark.comfyui
 
@@ -95,7 +96,8 @@ def test_loader_offers_ip2p_checkpoint_and_diffusers_models_and_loads_each(comfy
     (comfy_env["checkpoints"] / "notes.txt").write_text("not a model")
 
     options = IP2PModelLoader.GET_SCHEMA().inputs[0].options
-    assert options == [TINY, "other.safetensors", "tiny-folder"]
+    # The user's own models first (a new loader node defaults to one of them), the embedded toy model last.
+    assert options == [TINY, "other.safetensors", "tiny-folder", TOY_MODEL_CHOICE]
 
     single = IP2PModelLoader.execute(TINY, "", "fp32")[0]
     assert single.source.kind == "single_file"
@@ -120,7 +122,7 @@ def test_model_folder_appends_to_an_extra_model_paths_entry(comfy_env, tmp_path,
     paths, extensions = folder_paths.folder_names_and_paths[model_paths.IP2P_FOLDER]
     assert paths == [str(user_folder), str(comfy_env["instructpix2pix"])]
     assert ".safetensors" in extensions
-    assert model_paths.list_choices() == ["from-yaml.safetensors", TINY]
+    assert model_paths.list_choices() == ["from-yaml.safetensors", TINY, TOY_MODEL_CHOICE]
 
 
 def test_loader_refuses_a_4_channel_checkpoint_naming_the_file(comfy_env):
@@ -131,10 +133,30 @@ def test_loader_refuses_a_4_channel_checkpoint_naming_the_file(comfy_env):
     assert "pick an IP2P checkpoint" in str(err.value)
 
 
-def test_loader_with_no_model_says_where_to_put_one(comfy_env):
-    assert IP2PModelLoader.GET_SCHEMA().inputs[0].options == [model_paths.NO_MODELS]
+def test_with_no_model_of_their_own_the_loader_offers_the_toy_model_and_it_edits_the_sample(comfy_env):
+    from ip2p_nodes.pipeline_core.evaluation import rule_check
+    from ip2p_nodes.pipeline_core.images import load_image
+    from ip2p_nodes.pipeline_core.toy import SAMPLE_INSTRUCTION, sample_image_path, sample_triplet
+
+    options = IP2PModelLoader.GET_SCHEMA().inputs[0].options
+    assert options == [TOY_MODEL_CHOICE]  # the only entry, hence the default of a new loader node
+
+    model = IP2PModelLoader.execute(TOY_MODEL_CHOICE, "", "auto")[0]
+    assert model.source.kind == "single_file" and Path(model.source.location) == toy_model_path()
+    # Its own word-level vocabulary, not ComfyUI's SD1 tokenizer: "circle" is one token.
+    tokenizer = MODEL_CACHE.get(model).components.tokenizer
+    assert len(tokenizer("circle", add_special_tokens=False).input_ids) == 1
+
+    sample = load_image(sample_image_path())
+    edited = run(model, sample, SAMPLE_INSTRUCTION, seed=42, steps=20, s_t=3.0, s_i=1.5)[0]
+    assert edited.shape == sample.shape == (1, 32, 32, 3)
+    ok, why = rule_check(sample_triplet(), edited[0].numpy())
+    assert ok, why
+
+
+def test_loader_with_nothing_picked_says_where_to_put_a_model(comfy_env):
     with pytest.raises(ModelLoadError, match="models/instructpix2pix"):
-        IP2PModelLoader.execute(model_paths.NO_MODELS, "", "auto")
+        IP2PModelLoader.execute("", "", "auto")
 
 
 def test_loader_reports_a_vanished_file(comfy_env):

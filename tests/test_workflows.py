@@ -7,7 +7,9 @@ Three tiers:
 - Against a real ComfyUI with the pack (``COMFYUI_DIR``; marker ``server``): every node type, link and widget
   value is valid for that ComfyUI, and every workflow, converted to an API prompt, runs end to end on the
   CPU and writes its images. The models are random-weight files of the real architectures, written by the
-  tests under the names the workflows use (``model_files``); the run is shrunk to 64 px and 2 steps.
+  tests under the names the workflows use (``model_files``); the run is shrunk to 64 px and 1 step. The toy
+  demo runs exactly as shipped (its embedded model is tiny) on the shipped sample picture, and its edit is
+  checked against the exactly correct one.
 - In the real web app (marker ``browser``; needs ``playwright`` and a Chromium too): each workflow, opened
   through the app's file input, shows no dialog and no warning, and the prompt the app would send is the
   one the conversion makes and the server runs it. A screenshot of each graph is kept in
@@ -31,6 +33,8 @@ import browser_harness
 import comfy_harness
 import model_files
 import workflow_format as wf
+from ip2p_nodes.pipeline_core.evaluation import rule_check
+from ip2p_nodes.pipeline_core.toy import SAMPLE_IMAGE_NAME, TOY_MODEL_CHOICE, sample_image_path, sample_triplet
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW_DIR = REPO / "workflows"
@@ -38,12 +42,17 @@ ARTIFACT_DIR = Path(os.environ.get("IP2P_ARTIFACTS", REPO / "artifacts")) / "wor
 PACK_ID = "ip2p-nodes"
 PACK_VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
-WORKFLOW_NAMES = ["basic_edit", "txt2img_edit_inpaint", "guidance_sweep", "batch_edit", "controlnet_edit"]
+WORKFLOW_NAMES = ["basic_edit", "txt2img_edit_inpaint", "guidance_sweep", "batch_edit", "controlnet_edit", "toy_demo"]
 MODEL_WIDGETS = {
     "IP2PModelLoader": model_files.IP2P_NAME,
     "CheckpointLoaderSimple": model_files.SD15_NAME,
     "ControlNetLoader": model_files.CONTROLNET_NAME,
 }
+# The toy demo names the pack's embedded model, which every install has.
+MODEL_WIDGETS_OF = {"toy_demo": {"IP2PModelLoader": TOY_MODEL_CHOICE}}
+# Run exactly as shipped (no shrinking): the toy model is tiny, and what it makes is checked.
+AS_SHIPPED = {"toy_demo"}
+TOY_SIZE = 32
 
 RUN_SIZE = 64  # px: the test runs every picture at this size
 RUN_STEPS = 1
@@ -57,6 +66,7 @@ EXPECTED_IMAGES = {
     "guidance_sweep": {"ip2p/sweep_grid": (1, 3 * RUN_SIZE + 2 * 4)},
     "batch_edit": {"ip2p/batch": (6, RUN_SIZE), "ip2p/batch_grid": (1, 2 * RUN_SIZE + 4)},
     "controlnet_edit": {"ip2p/controlnet": (1, RUN_SIZE), "ip2p/controlnet_edited": (1, RUN_SIZE)},
+    "toy_demo": {"ip2p/toy_edit": (1, TOY_SIZE), "ip2p/toy_edit_x8": (1, 8 * TOY_SIZE)},
 }
 GRID_ROWS = {"ip2p/sweep_grid": 6, "ip2p/batch_grid": 3}
 
@@ -73,7 +83,7 @@ def nodes_of(workflow: dict, *, backend_only: bool = True) -> list[dict]:
 # The files
 
 
-def test_the_five_workflows_ship_each_with_a_jpeg_thumbnail_of_the_same_name():
+def test_the_six_workflows_ship_each_with_a_jpeg_thumbnail_of_the_same_name():
     assert sorted(p.stem for p in WORKFLOW_DIR.glob("*.json")) == sorted(WORKFLOW_NAMES)
     for name in WORKFLOW_NAMES:
         with Image.open(WORKFLOW_DIR / f"{name}.jpg") as thumbnail:
@@ -112,9 +122,10 @@ def test_our_nodes_carry_the_pack_id_and_version(name):
 
 @pytest.mark.parametrize("name", WORKFLOW_NAMES)
 def test_model_widgets_name_the_files_users_have(name):
+    expected = {**MODEL_WIDGETS, **MODEL_WIDGETS_OF.get(name, {})}
     for node in wf.load(workflow_path(name))["nodes"]:
-        if node["type"] in MODEL_WIDGETS:
-            assert node["widgets_values"][0] == MODEL_WIDGETS[node["type"]], node["type"]
+        if node["type"] in expected:
+            assert node["widgets_values"][0] == expected[node["type"]], node["type"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -142,6 +153,8 @@ def server(tmp_path_factory):
     try:
         with comfy_harness.comfy_server(root / "comfy", {key: [path] for key, path in folders.items()}) as server:
             write_example_image(server.input_dir / "example.png")
+            # What the toy demo's note tells users to do: upload the sample that ships with the pack.
+            shutil.copyfile(sample_image_path(), server.input_dir / SAMPLE_IMAGE_NAME)
             print(f"model files + server start: {time.perf_counter() - start:.1f} s")
             yield server
     finally:
@@ -154,9 +167,11 @@ def object_info(server) -> dict:
     return server.object_info()
 
 
-def shrink(prompt: dict) -> dict:
+def shrink(prompt: dict, name: str) -> dict:
     """The same graph at the test's cost: RUN_STEPS steps, RUN_SIZE px latents (input images are RUN_SIZE)."""
     prompt = json.loads(json.dumps(prompt))
+    if name in AS_SHIPPED:
+        return prompt
     for node in prompt.values():
         inputs = node["inputs"]
         if isinstance(inputs.get("steps"), int):
@@ -182,7 +197,26 @@ def check_saved_images(server, name: str, workflow: dict, entry: dict) -> None:
                 if prefix in GRID_ROWS:
                     assert image.height > GRID_ROWS[prefix] * RUN_SIZE, "the grid has no caption strips"
                 else:
-                    assert image.height == RUN_SIZE, f"{path.name}: {image.size}"
+                    assert image.height == width, f"{path.name}: {image.size}"
+    if name == "toy_demo":
+        check_toy_edit(server, workflow, entry)
+
+
+def check_toy_edit(server, workflow: dict, entry: dict) -> None:
+    """The shipped toy demo does what its instruction says: the circle turned red, and nothing else moved."""
+    import numpy as np
+
+    saved = {n["widgets_values"][0]: str(n["id"]) for n in workflow["nodes"] if n["type"] == "SaveImage"}
+    [edit_path] = server.output_files(entry, saved["ip2p/toy_edit"])
+    [big_path] = server.output_files(entry, saved["ip2p/toy_edit_x8"])
+    with Image.open(edit_path) as image:
+        edit = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    ok, why = rule_check(sample_triplet(), edit)
+    assert ok, f"the toy demo's edit: {why}"
+    with Image.open(big_path) as image:
+        big = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    # Enlarged with nearest-neighbour: every model pixel is one 8 x 8 square of the same colour.
+    assert np.array_equal(big, edit.repeat(8, 0).repeat(8, 1))
 
 
 @comfy_harness.requires_comfyui
@@ -246,10 +280,11 @@ def test_every_widget_value_is_valid_for_its_input_and_seeds_are_fixed(name, obj
 @pytest.mark.parametrize("name", WORKFLOW_NAMES)
 def test_workflow_runs_end_to_end_on_the_cpu_and_saves_its_images(name, server, object_info):
     workflow = wf.load(workflow_path(name))
-    prompt = shrink(wf.to_api_prompt(workflow, object_info))
+    prompt = shrink(wf.to_api_prompt(workflow, object_info), name)
     start = time.perf_counter()
     entry = server.run_prompt(prompt, timeout=600)
-    print(f"{name}: ran in {time.perf_counter() - start:.1f} s ({RUN_SIZE} px, {RUN_STEPS} steps)")
+    cost = "as shipped" if name in AS_SHIPPED else f"{RUN_SIZE} px, {RUN_STEPS} steps"
+    print(f"{name}: ran in {time.perf_counter() - start:.1f} s ({cost})")
     check_saved_images(server, name, workflow, entry)
 
 
@@ -334,5 +369,5 @@ def test_workflow_opens_in_the_app_without_warnings_and_runs_from_its_prompt(nam
     }, "the app's prompt differs from the file's conversion"
 
     workflow = wf.load(workflow_path(name))
-    entry = server.run_prompt(shrink(from_app), timeout=600)
+    entry = server.run_prompt(shrink(from_app, name), timeout=600)
     check_saved_images(server, name, workflow, entry)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import tempfile
 import tomllib
@@ -32,6 +33,12 @@ import browser_harness  # noqa: E402
 import comfy_harness  # noqa: E402
 import model_files  # noqa: E402
 import workflow_format  # noqa: E402
+from ip2p_nodes.pipeline_core.toy import (  # noqa: E402
+    SAMPLE_IMAGE_NAME,
+    SAMPLE_INSTRUCTION,
+    TOY_MODEL_CHOICE,
+    sample_image_path,
+)
 
 log = logging.getLogger("build_workflows")
 
@@ -97,11 +104,11 @@ def note(key: str, col: int, text: str, width: int = 360, height: int = 200) -> 
     return Node(key, "MarkdownNote", col, {"": text}, title="Note", width=width, height=height)
 
 
-def ip2p_chain(col: int, instruction: str, seed: int = 42, band: int = 0) -> list[Node]:
-    """Loader, instruction and sampler of the pack, with the paper's default guidance."""
+def ip2p_chain(col: int, instruction: str, seed: int = 42, band: int = 0, model: str = model_files.IP2P_NAME,
+               text_guidance: float = 7.5) -> list[Node]:
+    """Loader, instruction and sampler of the pack, with the paper's default guidance unless told otherwise."""
     nodes = [
-        Node("ip2p_model", "IP2PModelLoader", col, {"model": model_files.IP2P_NAME, "hub_id": "", "precision": "auto"},
-             width=330),
+        Node("ip2p_model", "IP2PModelLoader", col, {"model": model, "hub_id": "", "precision": "auto"}, width=330),
         Node("instruction", "IP2PInstruction", col, {"instruction": instruction, "negative": ""},
              width=340, height=200),
         Node(
@@ -112,7 +119,7 @@ def ip2p_chain(col: int, instruction: str, seed: int = 42, band: int = 0) -> lis
                 "seed": seed,
                 "control_after_generate": "fixed",
                 "steps": 20,
-                "text_guidance": 7.5,
+                "text_guidance": text_guidance,
                 "image_guidance": 1.5,
                 "scheduler": "euler_ancestral",
             },
@@ -432,7 +439,53 @@ def controlnet_edit() -> Workflow:
     return Workflow("controlnet_edit", "ControlNet text to image, then instruction edit", nodes, links, groups)
 
 
-WORKFLOWS = {w.__name__: w for w in (basic_edit, txt2img_edit_inpaint, guidance_sweep, batch_edit, controlnet_edit)}
+def toy_demo() -> Workflow:
+    # The toy model's best text guidance in its evaluation (pipeline_core.demo.TOY_TEXT_GUIDANCE); 7.5
+    # over-saturates it.
+    return Workflow(
+        "toy_demo",
+        "Toy demo: the embedded shapes model, no download",
+        nodes=[
+            # Tall enough that its picture preview shows above the note, not under it.
+            Node("image", "LoadImage", 0, {"image": SAMPLE_IMAGE_NAME}, title="Load Image (toy-sample.png)",
+                 width=300, height=340),
+            *ip2p_chain(1, SAMPLE_INSTRUCTION, model=TOY_MODEL_CHOICE, text_guidance=3.0),
+            Node("save", "SaveImage", 3, {"filename_prefix": "ip2p/toy_edit"}, title="Save Image (32 x 32)",
+                 width=260, height=300),
+            Node("enlarge", "ImageScaleBy", 3, {"upscale_method": "nearest-exact", "scale_by": 8.0},
+                 title="Enlarge x8 for viewing"),
+            Node("save_big", "SaveImage", 4, {"filename_prefix": "ip2p/toy_edit_x8"}, title="Save Image (x8)",
+                 width=300, height=360),
+            note(
+                "note",
+                0,
+                "**Toy demo: runs with no model download.** The pack's embedded toy InstructPix2Pix model (3.8 MB) "
+                "knows only 32 x 32 pictures of coloured shapes.\n\n"
+                "**Input:** `toy-sample.png` ships with the pack in "
+                "`ComfyUI/custom_nodes/ip2p-nodes/pipeline_core/models/`. Upload it with *choose file to upload* "
+                "in *Load Image*, or copy it into `ComfyUI/input/`.\n\n"
+                "Try also: *make the circle green*, *turn the circle into a square*, *remove the triangle*, "
+                "*add a purple star*, *make it darker* (colours: red, green, blue, yellow, purple). It works best "
+                "at text guidance 3, image guidance 1.5. For real pictures use *basic_edit* with a real "
+                "InstructPix2Pix model.",
+                width=380,
+                height=330,
+            ),
+        ],
+        links=[
+            *IP2P_LINKS,
+            ("image", "IMAGE", "edit", "image"),
+            ("edit", "image", "save", "images"),
+            ("edit", "image", "enlarge", "image"),
+            ("enlarge", "IMAGE", "save_big", "images"),
+        ],
+    )
+
+
+WORKFLOWS = {
+    w.__name__: w
+    for w in (basic_edit, txt2img_edit_inpaint, guidance_sweep, batch_edit, controlnet_edit, toy_demo)
+}
 
 
 def spec_json(workflow: Workflow, core_version: str) -> dict:
@@ -445,7 +498,8 @@ def spec_json(workflow: Workflow, core_version: str) -> dict:
         elif n.type not in workflow_format.FRONTEND_ONLY_NODES:
             properties = {"cnr_id": "comfy-core", "ver": core_version}
         model_widget = MODEL_WIDGETS.get(n.type)
-        if model_widget:
+        # The embedded toy model ships with the pack: no file to fetch, so no download link.
+        if model_widget and n.widgets[model_widget] in MODEL_URLS:
             name = n.widgets[model_widget]
             directory, url = MODEL_URLS[name]
             properties["models"] = [{"name": name, "url": url, "directory": directory}]
@@ -467,6 +521,10 @@ def build(names: list[str], out_dir: Path) -> None:
         tmp = Path(tmp)
         folders = model_files.write_model_tree(tmp / "models")
         with comfy_harness.comfy_server(tmp / "comfy", {key: [path] for key, path in folders.items()}) as server:
+            # The pictures the Load Image nodes name, as a user has them: ComfyUI's bundled example and the
+            # toy sample (uploaded from the pack), so the thumbnails show them.
+            shutil.copyfile(comfy_harness.comfyui_dir() / "input" / "example.png", server.input_dir / "example.png")
+            shutil.copyfile(sample_image_path(), server.input_dir / SAMPLE_IMAGE_NAME)
             core_version = server.get_json("/system_stats")["system"]["comfyui_version"]
             with sync_playwright() as pw:
                 browser = browser_harness.launch(pw)
