@@ -80,9 +80,14 @@ def test_requirements_leave_torch_numpy_pillow_to_comfyui():
 
 def test_shipped_configs_are_package_data():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    data = meta["tool"]["setuptools"]["package-data"]["ip2p_nodes.pipeline_core"]
-    assert "configs/*/*.json" in data
-    assert list((ROOT / "pipeline_core" / "configs" / "sd15").glob("*.json"))
+    tool = meta["tool"]["setuptools"]
+    # Every shipped data file must be matched by a package-data pattern of a listed package.
+    shipped = list((ROOT / "pipeline_core" / "configs").rglob("*.json")) + list((ROOT / "pipeline_core" / "models").iterdir())
+    assert shipped
+    for f in shipped:
+        package = "ip2p_nodes." + ".".join(f.parent.relative_to(ROOT).parts)
+        assert package in tool["packages"], f"{package} not listed"
+        assert any(f.match(pattern) for pattern in tool["package-data"].get(package, [])), f"{f.name} not shipped"
 
 
 @pytest.mark.skipif(not Path(sys.prefix, "bin", "comfy").exists(), reason="comfy-cli not installed in this environment")
