@@ -24,6 +24,7 @@ def setup() -> None:
     first_time = not isinstance(MODEL_CACHE.residency, memory.ComfyResidency)
     folder = model_paths.register_model_folder()
     memory.install_residency(MODEL_CACHE)
+    model_paths.provide_toy_sample()
     if first_time:
         log.info("ip2p: InstructPix2Pix models are read from %s (also checkpoints and diffusers)", folder)
 

@@ -21,7 +21,7 @@ import folder_paths
 
 from ..pipeline_core.errors import ModelLoadError
 from ..pipeline_core.loading import SINGLE_FILE_SUFFIXES, ModelSource
-from ..pipeline_core.toy import TOY_MODEL_CHOICE, toy_model_path
+from ..pipeline_core.toy import SAMPLE_IMAGE_NAME, TOY_MODEL_CHOICE, sample_image_path, toy_model_path
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,26 @@ def register_model_folder() -> str:
     # as "every file"; list checkpoint files only, as the checkpoints folder does.
     folder_paths.folder_names_and_paths[IP2P_FOLDER] = (paths, set(extensions) | set(SINGLE_FILE_SUFFIXES))
     return default
+
+
+def provide_toy_sample() -> Path | None:
+    """Put the toy demo's input picture into ComfyUI's input folder, once, never over a user's file.
+
+    workflows/toy_demo.json loads it by name, so the example runs as shipped on a fresh ComfyUI, as core's
+    templates do with the bundled example.png.
+    """
+    import shutil
+
+    target = Path(folder_paths.get_input_directory()) / SAMPLE_IMAGE_NAME
+    if target.exists():
+        return None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sample_image_path(), target)
+    except OSError as exc:  # a read-only input folder only costs the demo its picture, not the pack its nodes
+        log.warning("ip2p: could not copy the toy demo picture to %s (%s)", target, exc)
+        return None
+    return target
 
 
 def comfy_tokenizer_dir() -> str | None:

@@ -79,6 +79,14 @@ def import_comfyui() -> Path:
 
     # Read by comfy.model_management at import: without it ComfyUI probes CUDA. Tests run on the CPU.
     comfy.cli_args.args.cpu = True
+    import folder_paths
+
+    # The pack writes its toy demo picture into the input folder when it loads: keep in-process tests from
+    # writing into the ComfyUI checkout.
+    if Path(folder_paths.get_input_directory()).resolve() == (root / "input").resolve():
+        import tempfile
+
+        folder_paths.set_input_directory(tempfile.mkdtemp(prefix="ip2p-comfy-input-"))
     return root
 
 

@@ -368,3 +368,21 @@ def test_comfyui_custom_node_loader_registers_exactly_our_nodes(tmp_path, comfy_
     # The pack's setup ran in the loaded copy: the model folder is registered.
     assert model_paths.IP2P_FOLDER in folder_paths.folder_names_and_paths
     assert sys.modules["nodes"] is comfy_nodes
+
+
+def test_loading_the_pack_provides_the_toy_demo_picture_once_and_never_overwrites(tmp_path):
+    comfy_harness.import_comfyui()
+    import folder_paths
+
+    from ip2p_nodes.pipeline_core.toy import SAMPLE_IMAGE_NAME, sample_image_path
+
+    previous = folder_paths.get_input_directory()
+    folder_paths.set_input_directory(str(tmp_path))
+    try:
+        assert model_paths.provide_toy_sample() == tmp_path / SAMPLE_IMAGE_NAME
+        assert (tmp_path / SAMPLE_IMAGE_NAME).read_bytes() == sample_image_path().read_bytes()
+        (tmp_path / SAMPLE_IMAGE_NAME).write_bytes(b"the user's own file")
+        assert model_paths.provide_toy_sample() is None
+        assert (tmp_path / SAMPLE_IMAGE_NAME).read_bytes() == b"the user's own file"
+    finally:
+        folder_paths.set_input_directory(previous)

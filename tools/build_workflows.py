@@ -37,7 +37,6 @@ from ip2p_nodes.pipeline_core.toy import (  # noqa: E402
     SAMPLE_IMAGE_NAME,
     SAMPLE_INSTRUCTION,
     TOY_MODEL_CHOICE,
-    sample_image_path,
 )
 
 log = logging.getLogger("build_workflows")
@@ -461,9 +460,8 @@ def toy_demo() -> Workflow:
                 0,
                 "**Toy demo: runs with no model download.** The pack's embedded toy InstructPix2Pix model (3.8 MB) "
                 "knows only 32 x 32 pictures of coloured shapes.\n\n"
-                "**Input:** `toy-sample.png` ships with the pack in "
-                "`ComfyUI/custom_nodes/ip2p-nodes/pipeline_core/models/`. Upload it with *choose file to upload* "
-                "in *Load Image*, or copy it into `ComfyUI/input/`.\n\n"
+                "**Input:** `toy-sample.png`, which the pack copies into `ComfyUI/input/` when ComfyUI starts "
+                "(it ships in `custom_nodes/ip2p-nodes/pipeline_core/models/`). Any 32 x 32 shapes picture works.\n\n"
                 "Try also: *make the circle green*, *turn the circle into a square*, *remove the triangle*, "
                 "*add a purple star*, *make it darker* (colours: red, green, blue, yellow, purple). It works best "
                 "at text guidance 3, image guidance 1.5. For real pictures use *basic_edit* with a real "
@@ -521,10 +519,9 @@ def build(names: list[str], out_dir: Path) -> None:
         tmp = Path(tmp)
         folders = model_files.write_model_tree(tmp / "models")
         with comfy_harness.comfy_server(tmp / "comfy", {key: [path] for key, path in folders.items()}) as server:
-            # The pictures the Load Image nodes name, as a user has them: ComfyUI's bundled example and the
-            # toy sample (uploaded from the pack), so the thumbnails show them.
+            # The pictures the Load Image nodes name, as a user has them: ComfyUI's bundled example (the toy
+            # sample is put there by the pack itself), so the thumbnails show them.
             shutil.copyfile(comfy_harness.comfyui_dir() / "input" / "example.png", server.input_dir / "example.png")
-            shutil.copyfile(sample_image_path(), server.input_dir / SAMPLE_IMAGE_NAME)
             core_version = server.get_json("/system_stats")["system"]["comfyui_version"]
             with sync_playwright() as pw:
                 browser = browser_harness.launch(pw)
