@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from . import synthetic
+from .byte_tokenizer import byte_symbols, write_byte_level_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +53,6 @@ def sample_image_path() -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
-
-def _byte_symbols() -> list[str]:
-    """GPT-2/CLIP's printable stand-in for each of the 256 byte values."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    extra = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
-
 
 def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     """CLIP's BPE on one word: merge the lowest-ranked adjacent pair until none applies."""
@@ -111,22 +101,7 @@ def word_merges(words: list[str]) -> list[tuple[str, str]]:
 
 def write_tokenizer(directory: Path, words: list[str] = WORDS):
     """CLIP tokenizer files: 256 byte symbols (+ ``</w>`` forms), the word merges, and the special tokens."""
-    from transformers import CLIPTokenizer
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    symbols = _byte_symbols()
-    merges = word_merges(words)
-    vocab: dict[str, int] = {}
-    specials = ["<|startoftext|>", "<|endoftext|>"]
-    for s in symbols + [s + "</w>" for s in symbols] + [a + b for a, b in merges] + specials:
-        vocab.setdefault(s, len(vocab))
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "CLIPTokenizer", "pad_token": "<|endoftext|>", "model_max_length": MAX_TOKENS}
-    ))
-    return CLIPTokenizer.from_pretrained(str(directory), local_files_only=True)
+    return write_byte_level_tokenizer(directory, max_length=MAX_TOKENS, merges=word_merges(words))
 
 
 # ----------------------------------------------------------------------------------------------- modules
