@@ -12,8 +12,6 @@ formula becomes ``e_I + s_T (e_T - e_I)``), and at s_T == s_I == 1 only e_T is l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 TEXT = "text"  # instruction + image latent
@@ -62,13 +60,3 @@ def combine(predictions: dict[str, torch.Tensor], s_t, s_i) -> torch.Tensor:
         out = term if out is None else out + term
     return out
 
-
-@dataclass(frozen=True)
-class GuidanceScales:
-    """Text guidance s_T (follow the instruction) and image guidance s_I (stay close to the input)."""
-
-    text: float = 7.5
-    image: float = 1.5
-
-    def passes(self) -> tuple[str, ...]:
-        return required_passes(self.text, self.image)
