@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ip2p_nodes.pipeline_core import resolution
+from ip2p_nodes.pipeline_core.editing import resolution
 
 SIZE = 2048
 

@@ -20,9 +20,11 @@ from pathlib import Path
 import torch
 
 from ip2p_nodes.pipeline_core import ModelCache, ModelSource, SeedPlan, edit, encode_instruction
-from ip2p_nodes.pipeline_core.byte_tokenizer import write_byte_level_tokenizer
-from ip2p_nodes.pipeline_core.loading import CONFIG_DIR, IP2PComponents, _finish
-from ip2p_nodes.pipeline_core.precision import resolve_precision
+from ip2p_nodes.pipeline_core.training.byte_tokenizer import write_byte_level_tokenizer
+from ip2p_nodes.pipeline_core.models.components import IP2PComponents
+from ip2p_nodes.pipeline_core.models.families import get as get_family
+from ip2p_nodes.pipeline_core.models.loading import CONFIG_DIR
+from ip2p_nodes.pipeline_core.models.precision import resolve_precision
 
 
 def build_modules(kind: str, tmp: Path):
@@ -100,8 +102,9 @@ def main() -> None:
                 # Deep copies keep the anchor's fp32 modules untouched while ours are cast.
                 import copy
 
-                return _finish(copy.deepcopy(unet), copy.deepcopy(vae), copy.deepcopy(te), tok, sched, prec,
-                               torch.device(device), source)
+                modules = {"unet": copy.deepcopy(unet), "vae": copy.deepcopy(vae), "text_encoder": copy.deepcopy(te),
+                           "tokenizer": tok}
+                return get_family("sd15").assemble(modules, sched, prec, torch.device(device), source)
 
             cache = ModelCache(loader=loader)
             model = cache.get(cache.key_for(src, precision, "cpu"))

@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from ..pipeline_core import MODEL_CACHE, ModelKey
 from ..pipeline_core.errors import InputError
-from ..pipeline_core.precision import PRECISIONS
+from ..pipeline_core.models.precision import PRECISIONS
 from . import model_paths
 from .types import CATEGORY, ModelType
 

@@ -17,8 +17,8 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import torch
 
-from ..pipeline_core.cache import ModelCache, Residency
-from ..pipeline_core.loading import IP2PComponents
+from ..pipeline_core.models.cache import ModelCache, Residency
+from ..pipeline_core.models.components import IP2PComponents
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,13 @@ class IP2PTextEncoder(ModuleHolder):
     pass
 
 
-HOLDERS: dict[str, type[ModuleHolder]] = {"unet": IP2PUNet, "vae": IP2PVAE, "text_encoder": IP2PTextEncoder}
+class IP2PTextEncoder2(ModuleHolder):
+    pass
+
+
+HOLDERS: dict[str, type[ModuleHolder]] = {
+    "unet": IP2PUNet, "vae": IP2PVAE, "text_encoder": IP2PTextEncoder, "text_encoder_2": IP2PTextEncoder2,
+}
 
 
 class IP2PModelPatcher(comfy.model_patcher.ModelPatcher):

@@ -5,7 +5,7 @@ Choices come from three ComfyUI model folders: ``instructpix2pix`` (registered b
 inside ComfyUI they get ComfyUI's own bundled SD1 tokenizer, so an SD1.5 IP2P ``.safetensors`` loads with no
 network at all.
 
-The pack's embedded toy model (:mod:`pipeline_core.toy`, 32 x 32 pictures of coloured shapes) is always the last
+The pack's embedded toy model (:mod:`pipeline_core.models.assets`, 32 x 32 pictures of coloured shapes) is always the last
 choice: a user's own models come first, so a new loader node defaults to one of them, and with no model at all
 the toy model is the default, so the node and the ``toy_demo`` workflow run without any download.
 """
@@ -20,8 +20,8 @@ from pathlib import Path
 import folder_paths
 
 from ..pipeline_core.errors import ModelLoadError
-from ..pipeline_core.loading import SINGLE_FILE_SUFFIXES, ModelSource
-from ..pipeline_core.toy import SAMPLE_IMAGE_NAME, TOY_MODEL_CHOICE, sample_image_path, toy_model_path
+from ..pipeline_core.models.assets import SAMPLE_IMAGE_NAME, TOY_MODEL_CHOICE, sample_image_path, toy_model_path
+from ..pipeline_core.models.loading import SINGLE_FILE_SUFFIXES, ModelSource
 
 log = logging.getLogger(__name__)
 

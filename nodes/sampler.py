@@ -1,4 +1,4 @@
-"""IP2P Dual-Guidance Sampler: ComfyUI types in and out of ``pipeline_core.sampler.edit``."""
+"""IP2P Dual-Guidance Sampler: ComfyUI types in and out of ``pipeline_core.edit``."""
 
 from __future__ import annotations
 
@@ -7,15 +7,10 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
-from ..pipeline_core import DEFAULT_SCHEDULER, SCHEDULER_NAMES, SeedPlan, edit
-from ..pipeline_core.masks import MAX_FEATHER
-from ..pipeline_core.resolution import MAX_WORKING_RESOLUTION
-from ..pipeline_core.schedulers import SCHEDULER_TOOLTIPS
-from ..pipeline_core.seeds import MAX_SEED
+from ..pipeline_core import SeedPlan, edit, limits
+from ..pipeline_core.models.schedulers import AUTO, SCHEDULER_CHOICES, SCHEDULER_TOOLTIPS
 from .loader import cached_model
 from .types import CATEGORY, ConditioningType, ModelType, SeedPlanType
-
-MAX_STEPS = 200
 
 
 def labels_for(result, text_guidance: float, image_guidance: float, n_inputs: int) -> str:
@@ -32,7 +27,7 @@ def labels_for(result, text_guidance: float, image_guidance: float, n_inputs: in
 class IP2PSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        schedulers = "; ".join(f"{n}: {SCHEDULER_TOOLTIPS[n]}" for n in SCHEDULER_NAMES)
+        schedulers = "; ".join(f"{n}: {SCHEDULER_TOOLTIPS[n]}" for n in SCHEDULER_CHOICES)
         return io.Schema(
             node_id="IP2PSampler",
             display_name="IP2P Dual-Guidance Sampler",
@@ -57,9 +52,9 @@ class IP2PSampler(io.ComfyNode):
                 ),
                 io.Int.Input(
                     "seed",
-                    default=0,
-                    min=0,
-                    max=MAX_SEED,
+                    default=int(limits.SEED.default),
+                    min=int(limits.SEED.low),
+                    max=int(limits.SEED.high),
                     control_after_generate=True,
                     tooltip=(
                         "Noise seed: the same seed and settings give the same picture. Ignored when a plan is "
@@ -68,9 +63,9 @@ class IP2PSampler(io.ComfyNode):
                 ),
                 io.Int.Input(
                     "steps",
-                    default=20,
-                    min=1,
-                    max=MAX_STEPS,
+                    default=int(limits.STEPS.default),
+                    min=int(limits.STEPS.low),
+                    max=int(limits.STEPS.high),
                     tooltip=(
                         "Denoising steps: 20 is the usual balance, 10-15 for drafts, 30-50 for fine detail; time "
                         "grows linearly."
@@ -78,10 +73,10 @@ class IP2PSampler(io.ComfyNode):
                 ),
                 io.Float.Input(
                     "text_guidance",
-                    default=7.5,
-                    min=0.0,
-                    max=30.0,
-                    step=0.1,
+                    default=limits.TEXT_GUIDANCE.default,
+                    min=limits.TEXT_GUIDANCE.low,
+                    max=limits.TEXT_GUIDANCE.high,
+                    step=limits.TEXT_GUIDANCE.step,
                     tooltip=(
                         "How strongly the instruction is applied (s_T). Useful 5-12: raise it when the edit is too "
                         "weak, lower it when the picture gets overcooked. 7.5 is the paper's default."
@@ -89,10 +84,10 @@ class IP2PSampler(io.ComfyNode):
                 ),
                 io.Float.Input(
                     "image_guidance",
-                    default=1.5,
-                    min=0.0,
-                    max=30.0,
-                    step=0.05,
+                    default=limits.IMAGE_GUIDANCE.default,
+                    min=limits.IMAGE_GUIDANCE.low,
+                    max=limits.IMAGE_GUIDANCE.high,
+                    step=limits.IMAGE_GUIDANCE.step,
                     tooltip=(
                         "How closely the result keeps the input picture (s_I). Useful 1.0-2.5: raise it when too "
                         "much changes, lower it for bolder edits; below 1 drifts away from the input. 1.5 is the "
@@ -101,8 +96,8 @@ class IP2PSampler(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "scheduler",
-                    options=list(SCHEDULER_NAMES),
-                    default=DEFAULT_SCHEDULER,
+                    options=list(SCHEDULER_CHOICES),
+                    default=AUTO,
                     tooltip=f"Sampling method. {schedulers}.",
                 ),
                 SeedPlanType.Input(
@@ -124,10 +119,10 @@ class IP2PSampler(io.ComfyNode):
                 ),
                 io.Float.Input(
                     "denoise",
-                    default=1.0,
-                    min=0.01,
-                    max=1.0,
-                    step=0.01,
+                    default=limits.DENOISE.default,
+                    min=limits.DENOISE.low,
+                    max=limits.DENOISE.high,
+                    step=limits.DENOISE.step,
                     optional=True,
                     tooltip=(
                         "Edit strength. 1 = the full edit (the paper's sampler, from pure noise). Lower values "
@@ -137,9 +132,9 @@ class IP2PSampler(io.ComfyNode):
                 ),
                 io.Int.Input(
                     "feather",
-                    default=0,
-                    min=0,
-                    max=MAX_FEATHER,
+                    default=int(limits.FEATHER.default),
+                    min=int(limits.FEATHER.low),
+                    max=int(limits.FEATHER.high),
                     optional=True,
                     tooltip=(
                         "Soft edge of the mask, in pixels: the edit fades in over this width inside the mask's "
@@ -161,8 +156,8 @@ class IP2PSampler(io.ComfyNode):
                     "working_resolution",
                     default=0,
                     min=0,
-                    max=MAX_WORKING_RESOLUTION,
-                    step=64,
+                    max=int(limits.WORKING_RESOLUTION.high),
+                    step=int(limits.WORKING_RESOLUTION.step),
                     optional=True,
                     tooltip=(
                         "The size the model edits at, as the side of a square of the same area (aspect is kept). "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..pipeline_core import make_plan
-from ..pipeline_core.seeds import MAX_SEED, SEED_MODES, parse_values
+from ..pipeline_core.editing.seeds import MAX_SEED, SEED_MODES, parse_values
 from .types import CATEGORY, SeedPlanType
 
 MAX_COUNT = 64

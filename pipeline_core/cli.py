@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
+from .editing.seeds import SEED_MODES
 from .errors import IP2PError
-from .schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
-from .seeds import SEED_MODES
+from .models.schedulers import AUTO, SCHEDULER_CHOICES
 
 log = logging.getLogger("ip2p_nodes.cli")
 
@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--count", type=int, default=1, help="number of variations (seeds seed, seed+1, ...)")
     e.add_argument("--seed-mode", choices=SEED_MODES, default="increment")
-    e.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=DEFAULT_SCHEDULER)
+    e.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default=AUTO,
+                   help="sampler; auto = the model's own (its folder's, else its family's)")
     e.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
     e.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     e.add_argument("--mask", default=None,
@@ -86,12 +87,12 @@ def _progress_bar(total_label: str):
 
 
 def run_edit(args: argparse.Namespace) -> list[Path]:
-    from .cache import MODEL_CACHE
-    from .conditioning import encode_instruction
-    from .images import load_image, save_image
-    from .loading import ModelSource
-    from .sampler import edit
-    from .seeds import make_plan
+    from .editing.conditioning import encode_instruction
+    from .editing.edit import edit
+    from .editing.images import load_image, save_image
+    from .editing.seeds import make_plan
+    from .models.cache import MODEL_CACHE
+    from .models.loading import ModelSource
 
     device = args.device or _default_device()
     source = ModelSource.from_path(args.model, tokenizer_dir=args.tokenizer_dir)
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             run_edit(args)
         else:
             from .demo import run_demo
-            from .toy import SAMPLE_INSTRUCTION
+            from .models.assets import SAMPLE_INSTRUCTION
 
             run_demo(Path(args.output), instruction=args.instruction or SAMPLE_INSTRUCTION, image=args.image,
                      seed=args.seed)

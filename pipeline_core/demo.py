@@ -1,8 +1,8 @@
 """The no-download demo: edit the shipped sample picture with the shipped toy model.
 
 This is what ``ip2p-edit demo`` runs. It goes through the same path as every edit (model cache -> loader ->
-instruction encoding -> dual-guidance sampler), only with the tiny model of :mod:`toy`, which knows the
-shapes world of :mod:`synthetic` ("make the circle red", "remove the triangle", "add a green star", ...).
+instruction encoding -> dual-guidance sampler), only with the tiny model of :mod:`.training.toy`, which knows the
+shapes world of :mod:`.training.synthetic` ("make the circle red", "remove the triangle", "add a green star", ...).
 """
 
 from __future__ import annotations
@@ -13,19 +13,21 @@ from pathlib import Path
 
 import torch
 
-from .cache import MODEL_CACHE, ModelCache
-from .conditioning import encode_instruction
-from .images import load_image, save_image
-from .loading import ModelSource
-from .sampler import edit
-from .seeds import PlanItem
-from .toy import SAMPLE_INSTRUCTION, sample_image_path, toy_model_path
+from .editing.conditioning import encode_instruction
+from .editing.edit import edit
+from .editing.images import load_image, save_image
+from .editing.seeds import PlanItem
+from .models.assets import (
+    SAMPLE_INSTRUCTION,
+    TOY_IMAGE_GUIDANCE,
+    TOY_TEXT_GUIDANCE,
+    sample_image_path,
+    toy_model_path,
+)
+from .models.cache import MODEL_CACHE, ModelCache
+from .models.loading import ModelSource
 
 log = logging.getLogger(__name__)
-
-# The toy model's best text guidance in the evaluation grid (7.5, the paper's default, over-saturates it and
-# lowers its success rate from ~80% to ~60%); image guidance stays at the paper's 1.5.
-TOY_TEXT_GUIDANCE = 3.0
 
 
 @dataclass
@@ -37,7 +39,7 @@ class DemoResult:
 
 
 def run_demo(out_path: str | Path, instruction: str = SAMPLE_INSTRUCTION, image: str | Path | None = None,
-             seed: int = 0, steps: int = 20, text_guidance: float = TOY_TEXT_GUIDANCE, image_guidance: float = 1.5,
+             seed: int = 0, steps: int = 20, text_guidance: float = TOY_TEXT_GUIDANCE, image_guidance: float = TOY_IMAGE_GUIDANCE,
              scale: int = 8, cache: ModelCache | None = None) -> DemoResult:
     """Edit the sample picture (or ``image``) with the toy model; write ``input | edit`` enlarged ``scale`` times.
 

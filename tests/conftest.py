@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models  # noqa: E402
 
 from ip2p_nodes.pipeline_core import ModelCache, ModelSource  # noqa: E402
-from ip2p_nodes.pipeline_core.loading import save_single_file  # noqa: E402
+from ip2p_nodes.pipeline_core.models.loading import save_single_file  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 

@@ -31,7 +31,7 @@ SD15_NAME = "v1-5-pruned-emaonly-fp16.safetensors"
 CONTROLNET_NAME = "control_v11p_sd15_canny.pth"
 IP2P_NAME = "instruct-pix2pix-00-22000.safetensors"
 
-CONFIG_DIR = Path(__file__).parents[1] / "pipeline_core" / "configs" / "sd15"
+CONFIG_DIR = Path(__file__).parents[1] / "pipeline_core" / "models" / "configs" / "sd15"
 
 
 def _config(name: str) -> dict:
@@ -63,7 +63,7 @@ def write_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ip2p_nodes.pipeline_core.ldm_format import to_ldm_state_dict
+    from ip2p_nodes.pipeline_core.models.ldm_format import to_ldm_state_dict
     from safetensors.torch import save_file
 
     generator = torch.Generator().manual_seed(seed)
@@ -104,7 +104,7 @@ def write_controlnet(path: Path, seed: int = 1) -> Path:
 
 def write_ip2p_checkpoint(path: Path, seed: int = 0) -> Path:
     """The tiny InstructPix2Pix model as one LDM-layout ``.safetensors`` the pack's loader reads offline."""
-    from ip2p_nodes.pipeline_core.loading import save_single_file
+    from ip2p_nodes.pipeline_core.models.loading import save_single_file
 
     tokenizer_dir = path.parent / f".{path.stem}-tokenizer"
     unet, vae, text_encoder, _ = tiny_models.make_components(seed, tokenizer_dir=tokenizer_dir)

@@ -5,8 +5,9 @@ import torch
 
 from ip2p_nodes.pipeline_core import SeedPlan, edit, encode_instruction, make_plan
 from ip2p_nodes.pipeline_core.errors import InputError
-from ip2p_nodes.pipeline_core.sampler import encode_images, strength_steps
-from ip2p_nodes.pipeline_core.schedulers import SCHEDULER_NAMES
+from ip2p_nodes.pipeline_core import encode_images
+from ip2p_nodes.pipeline_core.editing.sampling import strength_steps
+from ip2p_nodes.pipeline_core.models.schedulers import SCHEDULER_NAMES
 
 
 def _img(h=40, w=56, b=1, seed=5):

@@ -1,9 +1,9 @@
-"""The dual-guidance formula, written once in pipeline_core.guidance, is the paper's, and skipping passes is free."""
+"""The dual-guidance formula, written once in pipeline_core.editing.guidance, is the paper's, and skipping passes is free."""
 
 import pytest
 import torch
 
-from ip2p_nodes.pipeline_core import guidance
+from ip2p_nodes.pipeline_core.editing import guidance
 
 
 def _preds(seed=0, shape=(2, 4, 8, 8)):

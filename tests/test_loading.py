@@ -8,8 +8,8 @@ import torch
 import tiny_models
 from ip2p_nodes.pipeline_core import ModelCache, ModelSource, SeedPlan, edit, encode_instruction
 from ip2p_nodes.pipeline_core.errors import ModelLoadError
-from ip2p_nodes.pipeline_core.loading import load_components, save_single_file
-from ip2p_nodes.pipeline_core.precision import resolve_precision
+from ip2p_nodes.pipeline_core.models.loading import load_components, save_single_file
+from ip2p_nodes.pipeline_core.models.precision import resolve_precision
 
 FP32 = resolve_precision("fp32", "cpu")
 
@@ -53,8 +53,8 @@ def test_sd15_single_file_without_metadata_uses_shipped_configs_and_comfyui_styl
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ip2p_nodes.pipeline_core import ldm_format
-    from ip2p_nodes.pipeline_core.loading import CONFIG_DIR
+    from ip2p_nodes.pipeline_core.models import ldm_format
+    from ip2p_nodes.pipeline_core.models.loading import CONFIG_DIR
 
     cfg = {n: json.loads((CONFIG_DIR / "sd15" / f"{n}.json").read_text()) for n in ("unet", "vae", "text_encoder")}
     with torch.device("meta"):

@@ -30,8 +30,8 @@ from ip2p_nodes.nodes.sampler import IP2PSampler  # noqa: E402
 from ip2p_nodes.nodes.seed_plan import IP2PSeedPlan  # noqa: E402
 from ip2p_nodes.pipeline_core import MODEL_CACHE  # noqa: E402
 from ip2p_nodes.pipeline_core.errors import InputError, ModelLoadError  # noqa: E402
-from ip2p_nodes.pipeline_core.loading import save_single_file  # noqa: E402
-from ip2p_nodes.pipeline_core.toy import TOY_MODEL_CHOICE, toy_model_path  # noqa: E402
+from ip2p_nodes.pipeline_core.models.loading import save_single_file  # noqa: E402
+from ip2p_nodes.pipeline_core.training.toy import TOY_MODEL_CHOICE, toy_model_path  # noqa: E402
 
 pytestmark = pytest.mark.comfyui
 
@@ -134,9 +134,9 @@ def test_loader_refuses_a_4_channel_checkpoint_naming_the_file(comfy_env):
 
 
 def test_with_no_model_of_their_own_the_loader_offers_the_toy_model_and_it_edits_the_sample(comfy_env):
-    from ip2p_nodes.pipeline_core.evaluation import rule_check
-    from ip2p_nodes.pipeline_core.images import load_image
-    from ip2p_nodes.pipeline_core.toy import SAMPLE_INSTRUCTION, sample_image_path, sample_triplet
+    from ip2p_nodes.pipeline_core.training.evaluation import rule_check
+    from ip2p_nodes.pipeline_core.editing.images import load_image
+    from ip2p_nodes.pipeline_core.training.toy import SAMPLE_INSTRUCTION, sample_image_path, sample_triplet
 
     options = IP2PModelLoader.GET_SCHEMA().inputs[0].options
     assert options == [TOY_MODEL_CHOICE]  # the only entry, hence the default of a new loader node
@@ -374,7 +374,7 @@ def test_loading_the_pack_provides_the_toy_demo_picture_once_and_never_overwrite
     comfy_harness.import_comfyui()
     import folder_paths
 
-    from ip2p_nodes.pipeline_core.toy import SAMPLE_IMAGE_NAME, sample_image_path
+    from ip2p_nodes.pipeline_core.training.toy import SAMPLE_IMAGE_NAME, sample_image_path
 
     previous = folder_paths.get_input_directory()
     folder_paths.set_input_directory(str(tmp_path))

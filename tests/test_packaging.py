@@ -82,7 +82,8 @@ def test_shipped_configs_are_package_data():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     tool = meta["tool"]["setuptools"]
     # Every shipped data file must be matched by a package-data pattern of a listed package.
-    shipped = list((ROOT / "pipeline_core" / "configs").rglob("*.json")) + list((ROOT / "pipeline_core" / "models").iterdir())
+    models = ROOT / "pipeline_core" / "models"
+    shipped = list((models / "configs").rglob("*.json")) + list((models / "assets").iterdir())
     assert shipped
     for f in shipped:
         package = "ip2p_nodes." + ".".join(f.parent.relative_to(ROOT).parts)

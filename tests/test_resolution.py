@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from ip2p_nodes.pipeline_core import SeedPlan, edit, encode_instruction, resolution
+from ip2p_nodes.pipeline_core import SeedPlan, edit, encode_instruction
+from ip2p_nodes.pipeline_core.editing import resolution
 from ip2p_nodes.pipeline_core.errors import InputError
-from ip2p_nodes.pipeline_core.resolution import working_size
+from ip2p_nodes.pipeline_core.editing.resolution import working_size
 
 
 def _img(h, w, b=1, seed=5):

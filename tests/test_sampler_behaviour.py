@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from ip2p_nodes.pipeline_core import PlanItem, SeedPlan, decode_latents, edit, encode_instruction, make_plan
-from ip2p_nodes.pipeline_core import sampler as sampler_mod
 from ip2p_nodes.pipeline_core.errors import InputError
 
 

@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionInstructPix2PixPipeline
 
 from ip2p_nodes.pipeline_core import SeedPlan, edit, encode_instruction
-from ip2p_nodes.pipeline_core.schedulers import SCHEDULER_NAMES, make_scheduler
+from ip2p_nodes.pipeline_core.models.schedulers import SCHEDULER_NAMES, make_scheduler
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import comfy_harness
 import numpy as np
 import pytest
 import tiny_models
-from ip2p_nodes.pipeline_core.loading import save_single_file
+from ip2p_nodes.pipeline_core.models.loading import save_single_file
 from PIL import Image
 
 comfy_harness.skip_without_comfyui()

@@ -7,9 +7,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from ip2p_nodes.pipeline_core import synthetic
-from ip2p_nodes.pipeline_core.evaluation import psnr, rule_check, ssim
-from ip2p_nodes.pipeline_core.synthetic import EDIT_KINDS
+from ip2p_nodes.pipeline_core.training import synthetic
+from ip2p_nodes.pipeline_core.training.evaluation import psnr, rule_check, ssim
+from ip2p_nodes.pipeline_core.training.synthetic import EDIT_KINDS
 
 
 def test_the_same_seed_and_index_give_the_same_triplet():

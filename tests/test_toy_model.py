@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ip2p_nodes.pipeline_core import ModelCache, ModelSource, synthetic
-from ip2p_nodes.pipeline_core.evaluation import rule_check, run_edits, score
-from ip2p_nodes.pipeline_core.toy import WORDS, sample_image_path, toy_model_path, write_tokenizer
+from ip2p_nodes.pipeline_core import ModelCache, ModelSource
+from ip2p_nodes.pipeline_core.training import synthetic
+from ip2p_nodes.pipeline_core.training.evaluation import rule_check, run_edits, score
+from ip2p_nodes.pipeline_core.training.toy import WORDS, sample_image_path, toy_model_path, write_tokenizer
 
 # Measured on this fixed held-out set (4 per edit kind, seed 0, 20 steps euler_ancestral, s_T 3.0 / s_I 1.5,
-# the toy model's best setting in `python -m ip2p_nodes.pipeline_core.evaluation`; all three guidance passes
+# the toy model's best setting in `python -m ip2p_nodes.pipeline_core.training.evaluation`; all three guidance passes
 # run). The floor sits below it so a change of float rounding cannot flip the test, while a broken loader,
 # conditioner, guidance or sampler (doing nothing scores 0%) fails it.
 SUCCESS_MEASURED = 0.85
@@ -51,8 +52,8 @@ def test_the_demo_edits_the_shipped_sample_offline_and_does_what_it_says(tmp_pat
     from dataclasses import replace
 
     from ip2p_nodes.pipeline_core.demo import run_demo
-    from ip2p_nodes.pipeline_core.images import load_image
-    from ip2p_nodes.pipeline_core.toy import SAMPLE_INSTRUCTION, sample_scene
+    from ip2p_nodes.pipeline_core.editing.images import load_image
+    from ip2p_nodes.pipeline_core.training.toy import SAMPLE_INSTRUCTION, sample_scene
 
     def no_network(*args, **kwargs):
         raise OSError("network disabled in this test")

@@ -10,7 +10,7 @@ import tiny_models
 
 from ip2p_nodes.pipeline_core import ModelCache, ModelSource
 from ip2p_nodes.pipeline_core.errors import InputError
-from ip2p_nodes.pipeline_core.training import (
+from ip2p_nodes.pipeline_core.training.trainer import (
     TrainConfig,
     Trainer,
     encode_dataset,
@@ -138,7 +138,7 @@ def test_a_trained_model_saves_as_a_single_file_and_a_folder_that_the_loader_rea
 
 
 def test_triplets_are_read_from_a_folder_a_manifest_and_the_synthetic_world(tmp_path):
-    from ip2p_nodes.pipeline_core import synthetic
+    from ip2p_nodes.pipeline_core.training import synthetic
 
     manifest = synthetic.export(tmp_path / "data", 3)
     from_folder = read_folder(tmp_path / "data")
@@ -165,7 +165,8 @@ def test_triplets_are_read_from_a_folder_a_manifest_and_the_synthetic_world(tmp_
 
 
 def test_fine_tuning_from_the_command_line_resumes_and_writes_a_model_the_loader_reads(tmp_path, tiny_folder, caplog):
-    from ip2p_nodes.pipeline_core.training import CHECKPOINT_NAME, main
+    from ip2p_nodes.pipeline_core.training.cli import main
+    from ip2p_nodes.pipeline_core.training.trainer import CHECKPOINT_NAME
 
     args = ["train", "--model", str(tiny_folder), "--data", "synthetic:8", "--out", str(tmp_path / "run"),
             "--batch-size", "4", "--lora-rank", "2", "--precision", "no", "--checkpoint-every", "1"]
@@ -186,8 +187,8 @@ def test_fine_tuning_from_the_command_line_resumes_and_writes_a_model_the_loader
 
 
 def test_the_toy_command_trains_with_exactly_the_shipped_recipe():
-    from ip2p_nodes.pipeline_core import toy
-    from ip2p_nodes.pipeline_core.training import build_parser, parse_config
+    from ip2p_nodes.pipeline_core.training import toy
+    from ip2p_nodes.pipeline_core.training.cli import build_parser, parse_config
 
     args = build_parser().parse_args(["toy", "--out", "x"])
     assert parse_config(args) == toy.recipe_config()

@@ -33,8 +33,8 @@ import browser_harness
 import comfy_harness
 import model_files
 import workflow_format as wf
-from ip2p_nodes.pipeline_core.evaluation import rule_check
-from ip2p_nodes.pipeline_core.toy import SAMPLE_IMAGE_NAME, TOY_MODEL_CHOICE, sample_image_path, sample_triplet
+from ip2p_nodes.pipeline_core.training.evaluation import rule_check
+from ip2p_nodes.pipeline_core.training.toy import SAMPLE_IMAGE_NAME, TOY_MODEL_CHOICE, sample_image_path, sample_triplet
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW_DIR = REPO / "workflows"

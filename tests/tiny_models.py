@@ -13,9 +13,9 @@ import torch
 from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ip2p_nodes.pipeline_core.byte_tokenizer import byte_level_vocab, write_byte_level_tokenizer
+from ip2p_nodes.pipeline_core.training.byte_tokenizer import byte_level_vocab, write_byte_level_tokenizer
 
-SCHEDULER_CONFIG = json.loads((Path(__file__).parents[1] / "pipeline_core/configs/sd15/scheduler.json").read_text())
+SCHEDULER_CONFIG = json.loads((Path(__file__).parents[1] / "pipeline_core/models/configs/sd15/scheduler.json").read_text())
 
 
 def write_tokenizer(directory: Path) -> CLIPTokenizer:
@@ -25,7 +25,8 @@ def write_tokenizer(directory: Path) -> CLIPTokenizer:
 def make_components(seed: int = 0, in_channels: int = 8, tokenizer_dir: Path | None = None):
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=8,
+        # SD1.5's own sample size (64 latents = 512 px): the pack reads the model's working area from it.
+        sample_size=64,
         in_channels=in_channels,
         out_channels=4,
         layers_per_block=2,

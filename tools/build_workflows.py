@@ -33,7 +33,7 @@ import browser_harness  # noqa: E402
 import comfy_harness  # noqa: E402
 import model_files  # noqa: E402
 import workflow_format  # noqa: E402
-from ip2p_nodes.pipeline_core.toy import (  # noqa: E402
+from ip2p_nodes.pipeline_core.training.toy import (  # noqa: E402
     SAMPLE_IMAGE_NAME,
     SAMPLE_INSTRUCTION,
     TOY_MODEL_CHOICE,

@@ -152,6 +152,15 @@ def match_text_encoder_keys(state: dict[str, torch.Tensor], expected: set[str]) 
     return out
 
 
+def load_text_encoder(text_encoder, state: dict[str, torch.Tensor]) -> None:
+    """Load converted CLIP weights into a (meta-initialised) text encoder; raise naming what does not fit."""
+    state = match_text_encoder_keys(state, set(text_encoder.state_dict()))
+    missing, unexpected = text_encoder.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise RuntimeError(f"text encoder: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
 def from_ldm_state_dict(checkpoint: dict[str, torch.Tensor], unet_config: dict, vae_config: dict):
     """Split an LDM-layout checkpoint into diffusers state dicts (unet, vae, text encoder)."""
     from diffusers.loaders.single_file_utils import (

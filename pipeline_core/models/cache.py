@@ -15,7 +15,9 @@ from typing import Any, Callable
 
 import torch
 
-from .loading import IP2PComponents, ModelSource, load_components
+from .components import IP2PComponents
+from .families.base import TextEncoding
+from .loading import ModelSource, load_components
 from .precision import Precision, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,7 @@ class Residency:
         return None
 
     def load(self, components: IP2PComponents, handle: Any, names: tuple[str, ...], memory_required: int = 0) -> None:
-        """Make sure the named modules (``unet``, ``vae``, ``text_encoder``) are on the compute device."""
+        """Make sure the named modules (``unet``, ``vae``, ``text_encoder``[, ``text_encoder_2``]) are on the device."""
         for name in names:
             module = components.modules()[name]
             if next(module.parameters()).device != components.device:
@@ -63,36 +65,32 @@ class CachedModel:
         self.components = components
         self.handle = handle
         self.residency = residency
-        self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._embeddings: OrderedDict[str, TextEncoding] = OrderedDict()
         self._lock = threading.Lock()
         self.encode_calls = 0  # texts actually run through the text encoder; tests and logs read it
+
+    @property
+    def family(self):
+        return self.components.spec
 
     def ensure_loaded(self, *names: str, memory_required: int = 0) -> None:
         self.residency.load(self.components, self.handle, names, memory_required)
 
-    def encode(self, text: str) -> torch.Tensor:
-        """CLIP last hidden state ``[1, tokens, dim]`` (float32, CPU) for ``text``, cached per text."""
+    def encode(self, text: str) -> TextEncoding:
+        """``text`` as the family's UNet reads it, memoised per text (re-queuing a prompt encodes nothing)."""
         with self._lock:
             hit = self._embeddings.get(text)
             if hit is not None:
                 self._embeddings.move_to_end(text)
                 return hit
-        c = self.components
-        max_tokens = c.max_text_tokens  # not tokenizer.model_max_length: ComfyUI's SD1 tokenizer says 8192
-        ids = c.tokenizer(text, padding="max_length", max_length=max_tokens, truncation=True, return_tensors="pt").input_ids
-        full = c.tokenizer(text).input_ids
-        if len(full) > max_tokens:
-            log.warning("ip2p: the prompt is %d tokens long; CLIP reads the first %d, the rest is ignored", len(full), max_tokens)
-        self.ensure_loaded("text_encoder")
-        with torch.inference_mode():
-            emb = c.text_encoder(ids.to(c.device))[0]
-        emb = emb.float().cpu()
+        self.ensure_loaded(*(name for name in self.components.modules() if name.startswith("text_encoder")))
+        encoding = self.family.encode_text(self.components, text)
         with self._lock:
             self.encode_calls += 1
-            self._embeddings[text] = emb
+            self._embeddings[text] = encoding
             while len(self._embeddings) > MAX_CACHED_EMBEDDINGS:
                 self._embeddings.popitem(last=False)
-        return emb
+        return encoding
 
 
 Loader = Callable[[ModelSource, Precision, torch.device, torch.device], IP2PComponents]

@@ -25,20 +25,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from .. import limits
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
-# Side of the square whose area the model family works at by default.
-FAMILY_RESOLUTION = {"sd15": 512, "sdxl": 1024}
-MIN_WORKING_RESOLUTION = 64
-# Beyond this the UNet needs tens of GB and minutes per step even on a large GPU; a typo (40960 for 4096)
-# should get a message, not an out-of-memory error after the model has loaded.
-MAX_WORKING_RESOLUTION = 4096
-MAX_WORKING_SIDE = 8192
-# The full-resolution steps (resize back, detail restoration, mask blend) hold about five float copies of
-# the picture; above this many pixels that alone is several GB.
-MAX_INPUT_PIXELS = 2**27  # 134 MP, e.g. 11585 x 11585
+# Beyond the working-resolution limit the UNet needs tens of GB and minutes per step even on a large GPU; a typo
+# (40960 for 4096) should get a message, not an out-of-memory error after the model has loaded.
+MIN_WORKING_RESOLUTION = int(limits.WORKING_RESOLUTION.low)
+MAX_WORKING_RESOLUTION = int(limits.WORKING_RESOLUTION.high)
+MAX_WORKING_SIDE = limits.MAX_WORKING_SIDE
+MAX_INPUT_PIXELS = limits.MAX_INPUT_PIXELS
 # Frames with more pixels than this are encoded and decoded by the VAE in overlapping tiles. The SD VAE
 # decoder's full-resolution activations take ~1.5 GB per megapixel in fp32; tiling keeps it at the tile size.
 # Read at call time, so it can be lowered (tests do) without touching code.
@@ -101,8 +98,13 @@ def check_input_size(height: int, width: int) -> None:
         )
 
 
-def default_resolution(family: str) -> int:
-    return FAMILY_RESOLUTION.get(family, FAMILY_RESOLUTION["sd15"])
+def native_side(native: int | str) -> int:
+    """The model's own working side: given directly, or a family's default by name ("sd15": 512)."""
+    if isinstance(native, str):
+        from ..models import families
+
+        return families.get(native).default_resolution
+    return int(native)
 
 
 def check_resolution(resolution: int | None, max_side: int | None) -> None:
@@ -110,7 +112,7 @@ def check_resolution(resolution: int | None, max_side: int | None) -> None:
         if not MIN_WORKING_RESOLUTION <= int(resolution) <= MAX_WORKING_RESOLUTION:
             raise InputError(
                 f"working resolution {resolution} is outside {MIN_WORKING_RESOLUTION}..{MAX_WORKING_RESOLUTION}; "
-                "use 0 for the model's own (512 for SD1.5, 1024 for SDXL)"
+                "use 0 for the model's own (512 for SD1.5, 768 or 1024 for SDXL-based models)"
             )
     if max_side and not MIN_WORKING_RESOLUTION <= int(max_side) <= MAX_WORKING_SIDE:
         raise InputError(
@@ -121,7 +123,7 @@ def check_resolution(resolution: int | None, max_side: int | None) -> None:
 def working_size(
     height: int,
     width: int,
-    family: str = "sd15",
+    native: int | str = 512,
     resolution: int | None = None,
     max_side: int | None = None,
     upscale: bool = False,
@@ -129,13 +131,13 @@ def working_size(
 ) -> WorkingSize:
     """The size to edit a ``height`` x ``width`` picture at.
 
-    ``resolution``: side of the square whose area the model works at (None/0: the family's, 512 for SD1.5,
-    1024 for SDXL). ``max_side``: cap on the longer working side (None/0: none, beyond the hard limit).
+    ``native``: the model's own working side (``IP2PComponents.working_resolution``; a family name gives that
+    family's default). ``resolution``: side of the square whose area the model works at (None/0: ``native``). ``max_side``: cap on the longer working side (None/0: none, beyond the hard limit).
     ``upscale``: scale pictures smaller than the area up to it (crop-to-mask does, so a small region gets the
     model's full resolution); otherwise they are edited at their own size.
     """
     check_resolution(resolution, max_side)
-    target = int(resolution or default_resolution(family))
+    target = int(resolution or native_side(native))
     scale = math.sqrt(target * target / (height * width))
     if not upscale:
         scale = min(scale, 1.0)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from .. import limits
+from ..errors import InputError
 
-MAX_FEATHER = 1024
+MAX_FEATHER = int(limits.FEATHER.high)
 
 
 def prepare_masks(mask: torch.Tensor | None, batch: int, height: int, width: int) -> torch.Tensor | None:

@@ -24,32 +24,33 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..models.assets import (  # noqa: F401  (re-exported: the recipe's names for the shipped files)
+    SAMPLE_IMAGE_NAME,
+    SAMPLE_INSTRUCTION,
+    TOY_MODEL_CHOICE,
+    TOY_MODEL_NAME,
+    sample_image_path,
+    toy_model_path,
+)
+from ..models.families.base import CONFIG_DIR
 from . import synthetic
 from .byte_tokenizer import byte_symbols, write_byte_level_tokenizer
+from .trainer import (
+    CHECKPOINT_NAME,
+    LatentDataset,
+    TrainConfig,
+    Trainer,
+    encode_dataset,
+    save_model,
+    synthetic_records,
+)
 
 log = logging.getLogger(__name__)
 
-MODELS_DIR = Path(__file__).parent / "models"
-TOY_MODEL_NAME = "toy-ip2p.safetensors"
-SAMPLE_IMAGE_NAME = "toy-sample.png"
-SAMPLE_INSTRUCTION = "make the circle red"
-# How the ComfyUI loader lists it. Not a file name (spaces, parentheses, no extension), so no file in a model
-# folder can take its place; the example workflow toy_demo.json names it.
-TOY_MODEL_CHOICE = "toy-ip2p (embedded demo model, shapes)"
 MAX_TOKENS = 16
 WORDS = sorted({w for phrase in (
     "make the circle square triangle star turn into a remove add it darker", " ".join(synthetic.COLOURS),
 ) for w in phrase.split()})
-
-
-def toy_model_path() -> Path:
-    """The shipped toy model (a single ``.safetensors`` with configs and tokenizer inside)."""
-    return MODELS_DIR / TOY_MODEL_NAME
-
-
-def sample_image_path() -> Path:
-    """A shipped 32 x 32 sample picture for the demo (a red-free scene with a circle in it)."""
-    return MODELS_DIR / SAMPLE_IMAGE_NAME
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
@@ -239,8 +240,6 @@ RECIPE = {
 
 
 def recipe_config(**overrides):
-    from .training import TrainConfig
-
     return TrainConfig(**{**RECIPE["train"], **overrides})
 
 
@@ -248,8 +247,6 @@ def build_toy(out: Path, config=None, vae_steps: int = RECIPE["vae_steps"], n_tr
               install: bool = False, progress: bool = True):
     """Train the toy model from nothing into ``out``; continues a cut-off run. Returns (diffusers folder, file)."""
     import shutil
-
-    from .training import CHECKPOINT_NAME, LatentDataset, Trainer, encode_dataset, save_model, synthetic_records
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -260,7 +257,7 @@ def build_toy(out: Path, config=None, vae_steps: int = RECIPE["vae_steps"], n_tr
     torch.manual_seed(seed)
     text_encoder = make_text_encoder(tokenizer)
     unet = make_unet()
-    scheduler_config = json.loads((Path(__file__).parent / "configs" / "sd15" / "scheduler.json").read_text())
+    scheduler_config = json.loads((CONFIG_DIR / "sd15" / "scheduler.json").read_text())
 
     data_file = out / f"latents-{n_triplets}.pt"
     if data_file.is_file():
@@ -283,7 +280,7 @@ def build_toy(out: Path, config=None, vae_steps: int = RECIPE["vae_steps"], n_tr
         "steps_done": trainer.state.step, "final_loss": float(np.mean(trainer.state.losses[-200:])),
     }, indent=2))
     if install:
-        MODELS_DIR.mkdir(parents=True, exist_ok=True)
+        toy_model_path().parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(single, toy_model_path())
         log.info("toy: installed %s", toy_model_path())
     return folder, single

@@ -1,4 +1,8 @@
-"""Instruction conditioning: the encoded instruction and negative prompt, tied to the model that made them."""
+"""Instruction conditioning: the encoded instruction and negative prompt, tied to the model that made them.
+
+The family does the encoding (SD1.5: CLIP-L; SDXL: CLIP-L + CLIP-G with a pooled embedding); this module only
+pairs the two texts and checks that a conditioning meets the model it was made with.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import CachedModel, ModelKey
-from .errors import InputError
+from ..errors import InputError
+from ..models.cache import CachedModel, ModelKey
 
 
 @dataclass(frozen=True)
@@ -17,13 +21,18 @@ class Conditioning:
     negative: str
     instruction_embeds: torch.Tensor  # [1, tokens, dim], float32 on the CPU
     negative_embeds: torch.Tensor
+    instruction_pooled: torch.Tensor | None = None  # [1, pooled_dim] for families with pooled text (SDXL)
+    negative_pooled: torch.Tensor | None = None
 
 
 def encode_instruction(model: CachedModel, instruction: str, negative: str = "") -> Conditioning:
-    """Encode both texts. An empty negative is encoded as "", as the original code does (not zeros)."""
+    """Encode both texts. An empty negative is encoded as "" (as the original code and ComfyUI do), not zeroed."""
     if not isinstance(instruction, str) or not instruction.strip():
         raise InputError("the instruction is empty; write the edit you want, e.g. 'make it winter'")
-    return Conditioning(model.key, instruction, negative, model.encode(instruction), model.encode(negative))
+    if not isinstance(negative, str):
+        raise InputError(f"the negative prompt must be text, got {type(negative).__name__}")
+    text, neg = model.encode(instruction), model.encode(negative)
+    return Conditioning(model.key, instruction, negative, text.embeds, neg.embeds, text.pooled, neg.pooled)
 
 
 def check_conditioning(model: CachedModel, cond: Conditioning) -> None:

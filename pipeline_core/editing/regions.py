@@ -59,7 +59,7 @@ class Region:
 def make_region(
     image: torch.Tensor,
     mask: torch.Tensor | None,
-    family: str,
+    native: int,
     multiple: int,
     *,
     resolution: int | None = None,
@@ -88,7 +88,7 @@ def make_region(
     # A crop is edited at the model's working resolution even when that means upscaling it: a small region
     # of a large picture then gets the model's full detail. A box that is the whole picture is not a crop.
     cropped = box != (0, 0, h, w)
-    size = working_size(bottom - top, right - left, family, resolution, max_side, upscale or cropped, multiple)
+    size = working_size(bottom - top, right - left, native, resolution, max_side, upscale or cropped, multiple)
     low = resize_image(image[None, top:bottom, left:right], size.content)
     region_alpha = None if alpha is None else alpha[top:bottom, left:right]
     lmask = None if region_alpha is None else masks_mod.latent_mask(region_alpha, size.content, size.frame, multiple)

@@ -1,4 +1,9 @@
-"""The samplers users can pick, as diffusers schedulers built from the model's own scheduler config."""
+"""The samplers users can pick, as diffusers schedulers built from the model's own scheduler config.
+
+Names keep their meaning across families; a family that samples differently (CosXL's EDM) maps the names it can
+honour to its own classes (see ``Family.make_scheduler``). ``auto`` is the model's own: the scheduler its
+diffusers folder names, else its family's default.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from .errors import InputError
+from ..errors import InputError
 
 # name -> (scheduler class, config overrides). Euler ancestral first: it is the paper's sampler and the
 # default of timbrooks/instruct-pix2pix.
@@ -26,8 +31,11 @@ SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
 }
 SCHEDULER_NAMES = tuple(SCHEDULERS)
 DEFAULT_SCHEDULER = "euler_ancestral"
+AUTO = "auto"
+SCHEDULER_CHOICES = (AUTO,) + SCHEDULER_NAMES  # what the sampler node and the CLI offer
 
 SCHEDULER_TOOLTIPS = {
+    AUTO: "the model's own: its folder's scheduler, else its family's (euler_ancestral for SD1.5, EDM euler for CosXL)",
     "euler_ancestral": "the paper's sampler; adds fresh noise each step, so the seed matters more",
     "euler": "deterministic Euler; smoother, steadier across seeds",
     "ddim": "deterministic DDIM (eta 0)",
@@ -44,3 +52,11 @@ def make_scheduler(name: str, base_config: dict[str, Any]):
     except KeyError:
         raise InputError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULER_NAMES)}") from None
     return cls.from_config(dict(base_config), **overrides)
+
+
+def name_for_class(class_name: str | None) -> str | None:
+    """The name whose scheduler is ``class_name`` with default settings (a folder's own), or None."""
+    for name, (cls, overrides) in SCHEDULERS.items():
+        if cls.__name__ == class_name and not overrides:
+            return name
+    return None

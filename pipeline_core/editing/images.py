@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from ..errors import InputError
 
 
 def to_rgb(images: torch.Tensor) -> torch.Tensor:

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import InputError
+from .. import limits
+from ..errors import InputError
 
 SEED_MODES = ("fixed", "increment", "random")
-MAX_SEED = 2**64 - 1
-MAX_PLAN_ITEMS = 256
+MAX_SEED = int(limits.SEED.high)
+MAX_PLAN_ITEMS = limits.PLAN_ITEMS
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def check_seed(seed: int) -> int:
     return seed
 
 
-def parse_values(text: str, name: str, low: float = 0.0, high: float = 30.0) -> tuple[float, ...]:
+def parse_values(text: str, name: str, low: float = limits.TEXT_GUIDANCE.low, high: float = limits.TEXT_GUIDANCE.high) -> tuple[float, ...]:
     """'5, 7.5, 10' -> (5.0, 7.5, 10.0); empty text -> () meaning 'use the sampler's value'."""
     values = []
     for part in text.replace(";", ",").replace("\n", ",").split(","):

@@ -1,0 +1,68 @@
+"""The denoiser: one UNet call with the image condition, the family's text conditioning and dual guidance.
+
+As in k-diffusion, the sampling loop (:mod:`.sampling`) only asks "what is the guided prediction for these
+latents at this timestep"; everything a prediction depends on — which guidance passes run, the image latent
+and its scaling, the text embeddings, SDXL's pooled text and size conditioning — is set up here once per batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.cache import CachedModel
+from . import guidance
+from .conditioning import Conditioning
+
+
+class Denoiser:
+    """Guided model output for a batch of ``n`` items that share guidance scales.
+
+    ``image_latents`` ``[n,4,h,w]`` are unscaled VAE latents of each item's picture; the family says how the UNet
+    sees them (:meth:`Family.image_latent_scale`). ``time_ids`` ``[n,k]`` is the family's size conditioning, or
+    None. The passes are batched in the paper's order (text, image, uncond), only those the scales need.
+    """
+
+    def __init__(self, model: CachedModel, cond: Conditioning, image_latents: torch.Tensor, s_t: float, s_i: float,
+                 time_ids: torch.Tensor | None = None):
+        c = model.components
+        self.unet = c.unet
+        self.dtype = c.precision.unet
+        self.s_t, self.s_i = s_t, s_i
+        self.passes = guidance.required_passes(s_t, s_i)
+        n = len(image_latents)
+        device = c.device
+        img = image_latents.to(device, torch.float32) * c.spec.image_latent_scale(c)
+        pass_images = {guidance.TEXT: img, guidance.IMAGE: img, guidance.UNCOND: torch.zeros_like(img)}
+        self.cond_images = torch.cat([pass_images[p] for p in self.passes])
+
+        def per_pass(instruction: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+            by_pass = {guidance.TEXT: instruction, guidance.IMAGE: negative, guidance.UNCOND: negative}
+            return torch.cat([by_pass[p].to(device, self.dtype).expand(n, *by_pass[p].shape[1:]) for p in self.passes])
+
+        self.encoder_states = per_pass(cond.instruction_embeds, cond.negative_embeds)
+        self.added_cond = None
+        if cond.instruction_pooled is not None:
+            # SDXL's micro-conditioning: pooled text per pass, the same size ids for every pass of an item.
+            if time_ids is None:
+                raise ValueError("a family with pooled text conditioning needs time ids")
+            self.added_cond = {
+                "text_embeds": per_pass(cond.instruction_pooled, cond.negative_pooled),
+                "time_ids": time_ids.to(device, self.dtype).repeat(len(self.passes), 1),
+            }
+        self.channels_last = self.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+    @property
+    def batch_multiplier(self) -> int:
+        """UNet batch entries per item: the number of guidance passes."""
+        return len(self.passes)
+
+    def __call__(self, scaled_latents: torch.Tensor, t) -> torch.Tensor:
+        """Guided prediction (noise, or v for v-prediction models) for ``scheduler.scale_model_input`` output."""
+        unet_in = torch.cat([torch.cat([scaled_latents] * len(self.passes)), self.cond_images], dim=1).to(self.dtype)
+        if self.channels_last:
+            unet_in = unet_in.contiguous(memory_format=torch.channels_last)
+        kwargs = {} if self.added_cond is None else {"added_cond_kwargs": self.added_cond}
+        out = self.unet(unet_in, t, encoder_hidden_states=self.encoder_states, return_dict=False, **kwargs)[0]
+        predictions = dict(zip(self.passes, out.float().chunk(len(self.passes))))
+        # Guidance is linear in the prediction, so it is the same for eps, v and x0 predictions.
+        return guidance.combine(predictions, self.s_t, self.s_i)

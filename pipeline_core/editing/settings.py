@@ -1,0 +1,122 @@
+"""The settings of one edit, validated once against :mod:`..limits` before any model work starts.
+
+Every check gives a message that says what was wrong and the useful range, because in ComfyUI the message is
+all the user sees. The nodes and the CLI build their widgets and options from the same limits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from numbers import Real
+from typing import Sequence
+
+from .. import limits
+from ..errors import InputError
+from .seeds import PlanItem, SeedPlan, check_seed
+
+
+def check_int(value, name: str, bounds: limits.Range, hint: str = "") -> int:
+    """A whole number within ``bounds``; integral floats (20.0, as some nodes send) are taken as ints."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value != int(value):
+        raise InputError(f"{name} must be a whole number, got {value!r}{hint}")
+    value = int(value)
+    if value not in bounds:
+        raise InputError(f"{name} must be between {bounds.low:g} and {bounds.high:g}, got {value}{hint}")
+    return value
+
+
+def check_float(value, name: str, bounds: limits.Range, hint: str = "") -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value not in bounds:
+        raise InputError(f"{name} must be a number between {bounds.low:g} and {bounds.high:g}, got {value!r}{hint}")
+    return float(value)
+
+
+def check_strength(strength: float) -> float:
+    bounds = limits.DENOISE
+    if isinstance(strength, bool) or not isinstance(strength, Real) or not math.isfinite(strength) or (
+        strength not in bounds
+    ):
+        raise InputError(
+            f"denoise must be above 0 and at most 1 ({bounds.low:g}..{bounds.high:g}), got {strength!r}: 1 redraws "
+            "the picture under the image condition, 0.3-0.6 keeps its layout and colours"
+        )
+    return float(strength)
+
+
+def _optional_size(value, name: str, low: int, high: int) -> int | None:
+    if value in (None, 0):
+        return None
+    return check_int(value, name, limits.Range(low, high, 0), "; use 0 for the model's own")
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """Everything about an edit except the model, the pictures, the instruction and the seeds.
+
+    Build with :meth:`checked` (or call it on an instance): the result has plain ints/floats within the
+    limits, or an :class:`InputError` names the first bad setting.
+    """
+
+    steps: int = int(limits.STEPS.default)
+    text_guidance: float = limits.TEXT_GUIDANCE.default
+    image_guidance: float = limits.IMAGE_GUIDANCE.default
+    scheduler: str | None = None  # None / "auto": the model's own
+    max_batch: int = int(limits.MAX_BATCH.default)
+    feather: int = 0
+    denoise: float = 1.0
+    working_resolution: int | None = None  # None/0: the model's own
+    max_side: int | None = None  # None/0: no cap below the hard limit
+    upscale_small: bool = False
+    restore_detail: bool = True
+    crop_to_mask: bool = False
+    crop_padding: int | None = None  # None: automatic
+
+    def checked(self) -> "EditSettings":
+        if self.scheduler is not None and not isinstance(self.scheduler, str):
+            raise InputError(f"scheduler must be a name, got {self.scheduler!r}")
+        padding = self.crop_padding
+        if padding is not None:
+            padding = check_int(padding, "crop padding", limits.Range(0, limits.MAX_WORKING_SIDE, 0))
+        return replace(
+            self,
+            steps=check_int(self.steps, "steps", limits.STEPS, " (20 is usual)"),
+            text_guidance=check_float(self.text_guidance, "text guidance", limits.TEXT_GUIDANCE),
+            image_guidance=check_float(self.image_guidance, "image guidance", limits.IMAGE_GUIDANCE),
+            max_batch=check_int(self.max_batch, "max batch", limits.MAX_BATCH),
+            feather=check_int(self.feather, "feather (px)", limits.FEATHER),
+            denoise=check_strength(self.denoise),
+            working_resolution=_optional_size(
+                self.working_resolution, "working resolution", int(limits.WORKING_RESOLUTION.low),
+                int(limits.WORKING_RESOLUTION.high),
+            ),
+            max_side=_optional_size(self.max_side, "max side", int(limits.WORKING_RESOLUTION.low),
+                                    limits.MAX_WORKING_SIDE),
+            upscale_small=bool(self.upscale_small),
+            restore_detail=bool(self.restore_detail),
+            crop_to_mask=bool(self.crop_to_mask),
+            crop_padding=padding,
+        )
+
+    def guidance_for(self, item: PlanItem) -> tuple[float, float]:
+        """(text, image) guidance of one plan item: its own values where it has them, else these settings'."""
+        s_t = self.text_guidance if item.text_guidance is None else item.text_guidance
+        s_i = self.image_guidance if item.image_guidance is None else item.image_guidance
+        return (check_float(s_t, "text guidance", limits.TEXT_GUIDANCE),
+                check_float(s_i, "image guidance", limits.IMAGE_GUIDANCE))
+
+
+def plan_items(plan: SeedPlan | Sequence[PlanItem]) -> list[PlanItem]:
+    """The plan's items, each with a valid seed (a seed beyond 64 bits would overflow inside torch)."""
+    items = list(plan.items if isinstance(plan, SeedPlan) else plan)
+    if not items:
+        raise InputError("the seed plan is empty")
+    for item in items:
+        if not isinstance(item, PlanItem):
+            raise InputError(f"a seed plan holds PlanItem entries, got {type(item).__name__}")
+        if isinstance(item.seed, bool) or not isinstance(item.seed, int):
+            raise InputError(f"a seed must be a whole number, got {item.seed!r}")
+        check_seed(item.seed)
+    if len(items) > limits.PLAN_ITEMS:
+        raise InputError(f"the plan has {len(items)} items; the limit is {limits.PLAN_ITEMS}")
+    return items

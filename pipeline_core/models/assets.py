@@ -1,0 +1,30 @@
+"""Files shipped with the pack: the embedded toy model and its sample picture.
+
+Runtime code (the nodes, the CLI demo) finds them here; the recipe that builds them lives in the training tools.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+TOY_MODEL_NAME = "toy-ip2p.safetensors"
+SAMPLE_IMAGE_NAME = "toy-sample.png"
+SAMPLE_INSTRUCTION = "make the circle red"
+# How the ComfyUI loader lists it. Not a file name (spaces, parentheses, no extension), so no file in a model
+# folder can take its place; the example workflow toy_demo.json names it.
+TOY_MODEL_CHOICE = "toy-ip2p (embedded demo model, shapes)"
+# The toy model's best text guidance in the evaluation grid (7.5, the paper's default, over-saturates it);
+# image guidance stays at the paper's 1.5.
+TOY_TEXT_GUIDANCE = 3.0
+TOY_IMAGE_GUIDANCE = 1.5
+
+
+def toy_model_path() -> Path:
+    """The shipped toy model (a single ``.safetensors`` with configs and tokenizer inside)."""
+    return ASSETS_DIR / TOY_MODEL_NAME
+
+
+def sample_image_path() -> Path:
+    """A shipped 32 x 32 sample picture for the demo (a red-free scene with a circle in it)."""
+    return ASSETS_DIR / SAMPLE_IMAGE_NAME
