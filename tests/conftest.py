@@ -8,6 +8,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny_models  # noqa: E402
+import tiny_sdxl  # noqa: E402
 
 from ip2p_nodes.pipeline_core import ModelCache, ModelSource  # noqa: E402
 from ip2p_nodes.pipeline_core.models.loading import save_single_file  # noqa: E402
@@ -42,6 +43,28 @@ def cache() -> ModelCache:
 @pytest.fixture
 def fp32_model(cache, tiny_folder):
     return cache.get(cache.key_for(ModelSource("diffusers", str(tiny_folder)), "fp32", "cpu"))
+
+
+@pytest.fixture(scope="session")
+def sdxl_folder(tmp_path_factory) -> Path:
+    """A tiny random SDXL InstructPix2Pix model in diffusers folder form (Euler discrete scheduler)."""
+    return tiny_sdxl.save_diffusers_folder(tmp_path_factory.mktemp("models") / "tiny-sdxl-ip2p", seed=5)
+
+
+@pytest.fixture(scope="session")
+def cosxl_folder(tmp_path_factory) -> Path:
+    """A tiny random CosXL Edit model in diffusers folder form (EDM Euler v-prediction scheduler)."""
+    return tiny_sdxl.save_diffusers_folder(tmp_path_factory.mktemp("models") / "tiny-cosxl-edit", seed=6, cosxl=True)
+
+
+@pytest.fixture
+def sdxl_model(cache, sdxl_folder):
+    return cache.get(cache.key_for(ModelSource("diffusers", str(sdxl_folder)), "fp32", "cpu"))
+
+
+@pytest.fixture
+def cosxl_model(cache, cosxl_folder):
+    return cache.get(cache.key_for(ModelSource("diffusers", str(cosxl_folder)), "fp32", "cpu"))
 
 
 @pytest.fixture(autouse=True)

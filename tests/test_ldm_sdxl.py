@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import tiny_sdxl
 import torch
-from ip2p_nodes.pipeline_core import ldm_format, ldm_sdxl
+from ip2p_nodes.pipeline_core.models import ldm_format, ldm_sdxl
 from safetensors.torch import load_file, save_file
 
 CONFIGS = Path(__file__).parents[1] / "pipeline_core" / "models" / "configs"

@@ -19,7 +19,7 @@ import comfy.model_base  # noqa: E402
 import comfy.model_detection  # noqa: E402
 import comfy.sdxl_clip  # noqa: E402
 import comfy.utils  # noqa: E402
-from ip2p_nodes.pipeline_core import ldm_sdxl  # noqa: E402
+from ip2p_nodes.pipeline_core.models import ldm_sdxl  # noqa: E402
 
 CONFIGS = Path(__file__).parents[1] / "pipeline_core" / "models" / "configs"
 

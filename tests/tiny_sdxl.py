@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from ip2p_nodes.pipeline_core.byte_tokenizer import byte_level_vocab, write_byte_level_tokenizer
+from ip2p_nodes.pipeline_core.training.byte_tokenizer import byte_level_vocab, write_byte_level_tokenizer
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 _CONFIGS = Path(__file__).parents[1] / "pipeline_core" / "models" / "configs"

@@ -8,12 +8,13 @@ Everything of :class:`SDXLFamily` (two text encoders, pooled text, size ids, emp
 - continuous EDM sampling with v-prediction, sigma 0.002..120, sigma_data 1.0 (the file's ``edm_vpred.*``
   keys, ComfyUI's ``ModelSamplingContinuousEDM``): UNet input ``x / sqrt(sigma² + 1)``, time ``0.25 ln sigma``,
   ``x0 = x / (sigma² + 1) - v · sigma / sqrt(sigma² + 1)``, as diffusers' EDM schedulers precondition;
-- its schedulers are diffusers' EDM ones. ``euler`` is ``EDMEulerScheduler`` with the log-linear
-  ("exponential") sigmas that ComfyUI's ``normal`` scheduler gives a continuous-EDM model — the sampler and
-  schedule of ComfyUI's CosXL Edit example; diffusers' EDM default is Karras sigmas, which is one reason
-  ``EDMEulerScheduler()`` as written in diffusers issue 7621 does not give ComfyUI's pictures (the other: the
-  pipeline zeroes the empty negative prompt). ``dpmpp_2m`` / ``dpmpp_2m_karras`` are
-  ``EDMDPMSolverMultistepScheduler`` (DPM-Solver++ 2M) with those two schedules. Ancestral, DDIM and UniPC
+- its schedulers are diffusers' EDM ones. ``euler`` is ``EDMEulerScheduler`` with the model's own sigma
+  schedule; the shipped config (single files) gives it the log-linear ("exponential") sigmas that ComfyUI's
+  ``normal`` scheduler gives a continuous-EDM model — the sampler and schedule of ComfyUI's CosXL Edit example.
+  diffusers' EDM default is Karras sigmas, one reason ``EDMEulerScheduler(...)`` as written in diffusers issue
+  7621 does not give ComfyUI's pictures (the other: the pipeline zeroes the empty negative prompt).
+  ``dpmpp_2m`` / ``dpmpp_2m_karras`` are ``EDMDPMSolverMultistepScheduler`` (DPM-Solver++ 2M) with exponential
+  / Karras sigmas, as ``dpmpp_2m`` / ``dpmpp_2m_karras`` are plain / Karras for SD. Ancestral, DDIM and UniPC
   have no EDM form in diffusers and are refused, naming the ones that work;
 - defaults: guidance 5.0 / 1.5 and 20 Euler steps (ComfyUI's example), working area 1024².
 """
@@ -32,7 +33,7 @@ def _edm_schedulers() -> dict[str, tuple[type, dict[str, Any]]]:
     from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 
     return {
-        "euler": (EDMEulerScheduler, {"sigma_schedule": "exponential"}),
+        "euler": (EDMEulerScheduler, {}),  # the model's own sigma schedule (shipped: exponential)
         "dpmpp_2m": (EDMDPMSolverMultistepScheduler,
                      {"sigma_schedule": "exponential", "algorithm_type": "dpmsolver++", "solver_order": 2}),
         "dpmpp_2m_karras": (EDMDPMSolverMultistepScheduler,
@@ -85,13 +86,8 @@ class CosXLFamily(SDXLFamily):
         return {**config, "sigma_min": sigma_min, "sigma_max": sigma_max}
 
     def make_scheduler(self, name: str | None, scheduler_config: dict):
-        """A fresh EDM scheduler. ``auto`` is the model's own config as it stands (a folder's sigma schedule
-        included); a name gives that sampler with ComfyUI's meaning of it (see the module docstring)."""
-        import diffusers
-
+        """A fresh EDM scheduler of the named kind from the model's EDM config (``auto``: the config's own)."""
         config = dict(scheduler_config) if ldm_sdxl.is_edm_vpred(scheduler_config) else self.edm_config()
-        if name in (None, "", schedulers.AUTO):
-            return getattr(diffusers, config["_class_name"]).from_config(config)
         cls, overrides = _edm_schedulers()[self.resolve_scheduler(name, config)]
         return cls.from_config(config, **overrides)
 

@@ -42,7 +42,7 @@ ROLES = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")
 
 
 def has_sdxl_text_encoders(state: Mapping[str, torch.Tensor]) -> bool:
-    """CLIP-L under ``conditioner.embedders.0.transformer``, CLIP-G (open_clip) under ``conditioner.embedders.1.model``."""
+    """CLIP-L under ``conditioner.embedders.0.transformer``, CLIP-G (open_clip) under ``...embedders.1.model``."""
     return (ldm_sdxl.CLIP_G_PREFIX + "positional_embedding") in state and any(
         k.startswith(ldm_sdxl.CLIP_L_PREFIX) for k in state
     )
@@ -197,7 +197,8 @@ class SDXLFamily(Family):
         """diffusers' ``_get_add_time_ids``: (original h, w, crop top, left, target h, w), as [1, 6] float32."""
         ids = [*original_size, *crop, *target_size]
         expected = components.unet.add_embedding.linear_1.in_features
-        passed = components.unet.config.addition_time_embed_dim * len(ids) + components.text_encoder_2.config.projection_dim
+        unet_config, clip_g = components.unet.config, components.text_encoder_2.config
+        passed = unet_config.addition_time_embed_dim * len(ids) + clip_g.projection_dim
         if expected != passed:
             raise ModelLoadError(
                 f"{components.source.name}: the UNet's added conditioning takes {expected} features but the text "
