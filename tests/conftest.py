@@ -9,7 +9,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny_models  # noqa: E402
 import tiny_sdxl  # noqa: E402
-
 from ip2p_nodes.pipeline_core import ModelCache, ModelSource  # noqa: E402
 from ip2p_nodes.pipeline_core.models.loading import save_single_file  # noqa: E402
 

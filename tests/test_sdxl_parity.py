@@ -10,7 +10,8 @@ References:
   ``ModelSamplingContinuousEDM`` + ``V_PREDICTION``, ``comfy/samplers.py`` ``normal_scheduler``,
   ``comfy/k_diffusion/sampling.py`` ``sample_euler``, ``comfy/model_base.py`` ``SDXL_instructpix2pix``).
   Measured: with the empty negative encoded and the schedule made the same, diffusers' CosXL path equals that
-  reference; what 7621 saw comes from its defaults (zeroed negative, Karras sigmas) — see test_cosxl_...
+  reference; what 7621 saw comes from its defaults (zeroed negative, Karras sigmas): see
+  test_cosxl_diffusers_defaults_are_what_7621_saw.
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ import logging
 import math
 
 import pytest
+import tiny_sdxl
 import torch
 from diffusers import EDMEulerScheduler
-
-import tiny_sdxl
 from ip2p_nodes.pipeline_core import SeedPlan, edit, encode_instruction
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def _ours(model, img, s_t, s_i, scheduler="auto"):
 
 def _report(what: str, diff: float) -> None:
     log.info("%s: max |ours - reference| = %.3g", what, diff)
-    print(f"\n[parity] {what}: max |ours - reference| = {diff:.3g}")
+    print(f"\n[parity] {what}: max |ours - reference| = {diff:.3g}")  # noqa: T201 (numbers for the report, with -s)
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -102,7 +102,7 @@ def _comfyui_math_reference(model, img: torch.Tensor, s_t: float, s_i: float) ->
     - ``V_PREDICTION.calculate_denoised``: ``x0 = x σd²/(σ²+σd²) − v σ σd / sqrt(σ²+σd²)``;
     - the paper's guidance on the three x0 (text+image, negative+image, negative+zeros);
     - ``sample_euler``: ``x += (x − x0)/σ · (σ_next − σ)``; decode ``x / scaling_factor``.
-    Text conditioning is the pipeline's ``encode_prompt`` (tested equal to ours in test_sdxl_text_encoding...).
+    Text conditioning is the pipeline's ``encode_prompt`` (equal to ours: test_sdxl_text_encoding_equals_...).
     """
     c = model.components
     cfg = c.scheduler_config
