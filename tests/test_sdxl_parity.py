@@ -9,9 +9,11 @@ References:
   the paper's dual-guidance formula and ComfyUI's continuous-EDM v-prediction math (``comfy/model_sampling.py``
   ``ModelSamplingContinuousEDM`` + ``V_PREDICTION``, ``comfy/samplers.py`` ``normal_scheduler``,
   ``comfy/k_diffusion/sampling.py`` ``sample_euler``, ``comfy/model_base.py`` ``SDXL_instructpix2pix``).
-  Measured: with the empty negative encoded and the schedule made the same, diffusers' CosXL path equals that
-  reference; what 7621 saw comes from its defaults (zeroed negative, Karras sigmas): see
-  test_cosxl_diffusers_defaults_are_what_7621_saw.
+  Measured: with the empty negative encoded and the same sigma schedule, diffusers' CosXL path equals that
+  reference (the image-latent scaling 7621 first found is what ``is_cosxl_edit`` added). Its remaining defaults
+  on that path — the empty negative zeroed, Karras sigmas in the issue's ``EDMEulerScheduler(...)`` — each
+  change the picture: test_cosxl_diffusers_defaults_are_what_7621_saw. (On a real model we cannot say here
+  whether they explain all the issue reports.)
 """
 
 from __future__ import annotations
@@ -144,9 +146,9 @@ def test_cosxl_equals_comfyui_edm_math(cosxl_model, s_t, s_i):
 
 
 def test_cosxl_diffusers_defaults_are_what_7621_saw(cosxl_model):
-    """diffusers' CosXL path as users run it (issue 7621: the EDMEulerScheduler(...) of the report, Karras sigmas
-    by default, and the pipeline zeroing the empty negative) is not ComfyUI's picture; each default alone moves
-    it. Documents why the parity above fixes both, not a property of our code."""
+    """diffusers' CosXL path as users run it (the issue's EDMEulerScheduler(...), Karras sigmas by default; the
+    pipeline zeroing the empty negative) is not ComfyUI's picture: each default alone moves it far. Documents why
+    the parity above sets both, not a property of our code."""
     img = _image(48, 64)
     ours = _ours(cosxl_model, img, 5.0, 1.5)
     c = cosxl_model.components
