@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny_models  # noqa: E402
 import tiny_sdxl  # noqa: E402
-from ip2p_nodes.pipeline_core import ModelCache, ModelSource  # noqa: E402
+from ip2p_nodes.pipeline_core import ModelCache, ModelSource, encode_instruction  # noqa: E402
 from ip2p_nodes.pipeline_core.models.loading import save_single_file  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -64,6 +64,17 @@ def sdxl_model(cache, sdxl_folder):
 @pytest.fixture
 def cosxl_model(cache, cosxl_folder):
     return cache.get(cache.key_for(ModelSource("diffusers", str(cosxl_folder)), "fp32", "cpu"))
+
+
+@pytest.fixture(params=["sd15", "sdxl", "cosxl"])
+def family_model(request):
+    """The tiny fp32 model of each family in turn (SD1.5, SDXL-IP2P, CosXL Edit), for behaviour every family keeps."""
+    return request.getfixturevalue({"sd15": "fp32_model", "sdxl": "sdxl_model", "cosxl": "cosxl_model"}[request.param])
+
+
+@pytest.fixture
+def family_cond(family_model):
+    return encode_instruction(family_model, "make it winter")
 
 
 @pytest.fixture(autouse=True)

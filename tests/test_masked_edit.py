@@ -37,9 +37,9 @@ def unet_calls(fp32_model, monkeypatch):
 
 
 @pytest.mark.parametrize("feather_px", [0, 6])
-def test_pixels_outside_the_mask_are_the_input_bit_for_bit(fp32_model, cond, feather_px):
+def test_pixels_outside_the_mask_are_the_input_bit_for_bit(family_model, family_cond, feather_px):
     img, mask = _img(), _box_mask()
-    out = edit(fp32_model, cond, img, SeedPlan.single(4), steps=2, mask=mask, feather=feather_px)
+    out = edit(family_model, family_cond, img, SeedPlan.single(4), steps=2, mask=mask, feather=feather_px)
     outside = mask[0] == 0
     assert torch.equal(out.images[0][outside], img[0][outside])
     inside = mask[0] > 0
@@ -69,12 +69,12 @@ def test_feather_makes_the_edit_blend_gradually_into_the_kept_pixels(fp32_model,
     assert soft_step < 0.25 * hard_step
 
 
-def test_unmasked_latents_end_on_the_original_latent(fp32_model, cond):
+def test_unmasked_latents_end_on_the_original_latent(family_model, family_cond):
     img = _img()
     mask = torch.zeros(1, 48, 64)
     mask[:, :, 32:] = 1.0  # right half: latent columns 4..7 free, 0..3 kept
-    out = edit(fp32_model, cond, img, SeedPlan.single(4), steps=3, mask=mask)
-    original, _ = encode_images(fp32_model, img)
+    out = edit(family_model, family_cond, img, SeedPlan.single(4), steps=3, mask=mask)
+    original, _ = encode_images(family_model, img)
     assert torch.allclose(out.latents[..., :4], original[..., :4], atol=1e-6)
     assert (out.latents[..., 4:] - original[..., 4:]).abs().max() > 0.1
 
@@ -98,10 +98,10 @@ def test_empty_mask_on_one_image_of_a_batch_skips_only_that_image(fp32_model, co
     assert torch.equal(out.images[1], solo.images[0])
 
 
-def test_full_mask_is_the_same_as_no_mask(fp32_model, cond):
+def test_full_mask_is_the_same_as_no_mask(family_model, family_cond):
     img = _img()
-    plain = edit(fp32_model, cond, img, SeedPlan.single(4), steps=2)
-    full = edit(fp32_model, cond, img, SeedPlan.single(4), steps=2, mask=torch.ones(1, 48, 64), feather=5)
+    plain = edit(family_model, family_cond, img, SeedPlan.single(4), steps=2)
+    full = edit(family_model, family_cond, img, SeedPlan.single(4), steps=2, mask=torch.ones(1, 48, 64), feather=5)
     assert torch.equal(plain.images, full.images) and torch.equal(plain.latents, full.latents)
 
 
@@ -118,14 +118,14 @@ def test_mask_of_another_size_is_resized_to_the_image(fp32_model, cond):
     assert (out.images[0][resized[0] == 1] - img[0][resized[0] == 1]).abs().max() > 0.05
 
 
-def test_one_mask_is_used_for_every_image_of_the_batch(fp32_model, cond):
+def test_one_mask_is_used_for_every_image_of_the_batch(family_model, family_cond):
     imgs = _img(b=2)
     mask = _box_mask()
-    out = edit(fp32_model, cond, imgs, SeedPlan.single(4), steps=2, mask=mask)
+    out = edit(family_model, family_cond, imgs, SeedPlan.single(4), steps=2, mask=mask)
     outside = mask[0] == 0
     for b in range(2):
         assert torch.equal(out.images[b][outside], imgs[b][outside])
-    solo = edit(fp32_model, cond, imgs[1:], SeedPlan.single(4), steps=2, mask=mask)
+    solo = edit(family_model, family_cond, imgs[1:], SeedPlan.single(4), steps=2, mask=mask)
     assert (out.images[1] - solo.images[0]).abs().max() < 1e-4  # batched convolutions round differently
 
 
@@ -149,20 +149,20 @@ def test_unusable_masks_get_a_clear_error(fp32_model, cond, mask, match):
         edit(fp32_model, cond, _img(), SeedPlan.single(1), steps=1, mask=mask)
 
 
-def test_crop_to_mask_changes_nothing_outside_the_crop_and_edits_the_crop_at_working_resolution(fp32_model, cond):
+def test_crop_to_mask_changes_nothing_outside_the_crop_and_edits_the_crop_at_working_resolution(family_model, family_cond):
     img = _img(96, 128)
     mask = _box_mask(96, 128, top=40, left=60, bottom=56, right=76)
     box = padded_box(mask[0], padding=8)
     top, left, bottom, right = box
     assert box == (32, 52, 64, 84)
-    out = edit(fp32_model, cond, img, SeedPlan.single(4), steps=2, mask=mask, crop_to_mask=True, crop_padding=8,
+    out = edit(family_model, family_cond, img, SeedPlan.single(4), steps=2, mask=mask, crop_to_mask=True, crop_padding=8,
                working_resolution=64)
     outside_crop = torch.ones(96, 128, dtype=torch.bool)
     outside_crop[top:bottom, left:right] = False
     assert torch.equal(out.images[0][outside_crop], img[0][outside_crop])
     assert torch.equal(out.images[0][mask[0] == 0], img[0][mask[0] == 0])
     # the 32 x 32 crop was edited at 64 x 64, not at the picture's own size: another result than without crop
-    plain = edit(fp32_model, cond, img, SeedPlan.single(4), steps=2, mask=mask, working_resolution=64)
+    plain = edit(family_model, family_cond, img, SeedPlan.single(4), steps=2, mask=mask, working_resolution=64)
     inside = mask[0] > 0
     assert (out.images[0][inside] - img[0][inside]).abs().max() > 0.05
     assert (out.images[0][inside] - plain.images[0][inside]).abs().max() > 0.05
@@ -181,10 +181,10 @@ def test_crop_to_mask_with_different_masks_per_image_returns_one_batch(fp32_mode
         assert torch.equal(out.images[b][outside], imgs[b][outside])
 
 
-def test_masked_edit_of_a_downscaled_picture_keeps_unmasked_pixels_exactly(fp32_model, cond):
+def test_masked_edit_of_a_downscaled_picture_keeps_unmasked_pixels_exactly(family_model, family_cond):
     img = _img(120, 200)
     mask = _box_mask(120, 200, 30, 50, 90, 150)
-    out = edit(fp32_model, cond, img, SeedPlan.single(4), steps=2, mask=mask, feather=4, working_resolution=64)
+    out = edit(family_model, family_cond, img, SeedPlan.single(4), steps=2, mask=mask, feather=4, working_resolution=64)
     assert out.images.shape == (1, 120, 200, 3)
     outside = mask[0] == 0
     assert torch.equal(out.images[0][outside], img[0][outside])

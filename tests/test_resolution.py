@@ -84,12 +84,12 @@ def test_a_picture_above_the_input_limit_is_refused_before_any_work(fp32_model):
         (333, 121, 96),
     ],
 )
-def test_output_has_exactly_the_input_size_for_any_shape(fp32_model, h, w, res):
-    cond = encode_instruction(fp32_model, "add snow")
-    out = edit(fp32_model, cond, _img(h, w), SeedPlan.single(1), steps=2, working_resolution=res)
+def test_output_has_exactly_the_input_size_for_any_shape(family_model, h, w, res):
+    cond = encode_instruction(family_model, "add snow")
+    out = edit(family_model, cond, _img(h, w), SeedPlan.single(1), steps=2, working_resolution=res)
     assert out.images.shape == (1, h, w, 3)
     assert out.images.min() >= 0 and out.images.max() <= 1
-    size = working_size(h, w, "sd15", res)
+    size = working_size(h, w, family_model.components.working_resolution, res)
     assert out.latents.shape == (1, 4, *size.latent)  # the LATENT is the working-resolution latent
 
 

@@ -11,11 +11,11 @@ def _img(h=40, w=56, b=1, seed=5):
     return torch.rand(b, h, w, 3, generator=torch.Generator().manual_seed(seed))
 
 
-def test_same_seed_gives_same_item_alone_and_inside_a_batch_of_four(fp32_model):
-    cond = encode_instruction(fp32_model, "make it winter")
+def test_same_seed_gives_same_item_alone_and_inside_a_batch_of_four(family_model):
+    cond = encode_instruction(family_model, "make it winter")
     img = _img()
-    alone = edit(fp32_model, cond, img, SeedPlan.single(77), steps=3)
-    batch = edit(fp32_model, cond, img, make_plan(75, 4, "increment"), steps=3, max_batch=4)
+    alone = edit(family_model, cond, img, SeedPlan.single(77), steps=3)
+    batch = edit(family_model, cond, img, make_plan(75, 4, "increment"), steps=3, max_batch=4)
     assert [it.seed for _, it in batch.items] == [75, 76, 77, 78]
     diff = (batch.images[2] - alone.images[0]).abs().max().item()
     print(f"\n[seed] max |batch item - solo| = {diff:.3g}")
@@ -24,42 +24,42 @@ def test_same_seed_gives_same_item_alone_and_inside_a_batch_of_four(fp32_model):
     assert (batch.images[0] - alone.images[0]).abs().max() > 1e-2
 
 
-def test_item_is_independent_of_batch_chunking(fp32_model):
-    cond = encode_instruction(fp32_model, "make it winter")
+def test_item_is_independent_of_batch_chunking(family_model):
+    cond = encode_instruction(family_model, "make it winter")
     plan = make_plan(10, 3, "increment")
-    a = edit(fp32_model, cond, _img(), plan, steps=2, max_batch=1)
-    b = edit(fp32_model, cond, _img(), plan, steps=2, max_batch=3)
+    a = edit(family_model, cond, _img(), plan, steps=2, max_batch=1)
+    b = edit(family_model, cond, _img(), plan, steps=2, max_batch=3)
     assert (a.images - b.images).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("h,w", [(37, 53), (8, 8), (65, 9), (64, 48)])
-def test_output_has_exactly_the_input_size(fp32_model, h, w):
-    cond = encode_instruction(fp32_model, "add snow")
-    out = edit(fp32_model, cond, _img(h, w), SeedPlan.single(1), steps=1)
+def test_output_has_exactly_the_input_size(family_model, h, w):
+    cond = encode_instruction(family_model, "add snow")
+    out = edit(family_model, cond, _img(h, w), SeedPlan.single(1), steps=1)
     assert out.images.shape == (1, h, w, 3)
     assert out.images.min() >= 0 and out.images.max() <= 1
 
 
-def test_latent_output_decoded_with_comfyui_convention_gives_the_image_output(fp32_model):
-    cond = encode_instruction(fp32_model, "add snow")
-    out = edit(fp32_model, cond, _img(48, 64), SeedPlan.single(3), steps=2)
+def test_latent_output_decoded_with_comfyui_convention_gives_the_image_output(family_model):
+    cond = encode_instruction(family_model, "add snow")
+    out = edit(family_model, cond, _img(48, 64), SeedPlan.single(3), steps=2)
     # ComfyUI LATENT samples are unscaled: VAEDecode feeds them to the VAE decoder as they are.
     assert out.latents.shape == (1, 4, 6, 8)
-    vae = fp32_model.components.vae
+    vae = family_model.components.vae
     with torch.no_grad():
         decoded = vae.decode(out.latents).sample
     image = ((decoded + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
     assert (image - out.images).abs().max() < 1e-5
-    assert (decode_latents(fp32_model, out.latents, (48, 64)) - out.images).abs().max() < 1e-6
+    assert (decode_latents(family_model, out.latents, (48, 64)) - out.images).abs().max() < 1e-6
 
 
-def test_batch_of_input_images_is_edited_with_the_same_plan(fp32_model):
-    cond = encode_instruction(fp32_model, "add snow")
+def test_batch_of_input_images_is_edited_with_the_same_plan(family_model):
+    cond = encode_instruction(family_model, "add snow")
     imgs = _img(b=2)
-    out = edit(fp32_model, cond, imgs, make_plan(5, 2, "increment"), steps=2)
+    out = edit(family_model, cond, imgs, make_plan(5, 2, "increment"), steps=2)
     assert out.images.shape[0] == 4
     assert [(b, it.seed) for b, it in out.items] == [(0, 5), (0, 6), (1, 5), (1, 6)]
-    solo = edit(fp32_model, cond, imgs[1:2], SeedPlan.single(6), steps=2)
+    solo = edit(family_model, cond, imgs[1:2], SeedPlan.single(6), steps=2)
     assert (out.images[3] - solo.images[0]).abs().max() < 1e-4
 
 
@@ -79,9 +79,9 @@ def test_image_guidance_below_one_is_allowed_and_changes_the_result(fp32_model):
     assert (low.images - one.images).abs().max() > 1e-3
 
 
-def test_unit_scales_run_only_the_passes_the_formula_needs(fp32_model, monkeypatch):
+def test_unit_scales_run_only_the_passes_the_formula_needs(family_model, monkeypatch):
     batch_sizes = []
-    unet = fp32_model.components.unet
+    unet = family_model.components.unet
     original = unet.forward
 
     def counting_forward(sample, *args, **kwargs):
@@ -89,15 +89,15 @@ def test_unit_scales_run_only_the_passes_the_formula_needs(fp32_model, monkeypat
         return original(sample, *args, **kwargs)
 
     monkeypatch.setattr(unet, "forward", counting_forward)
-    cond = encode_instruction(fp32_model, "add snow")
+    cond = encode_instruction(family_model, "add snow")
     for s_t, s_i, passes in [(7.5, 1.5, 3), (7.5, 1.0, 2), (1.0, 1.0, 1)]:
         batch_sizes.clear()
-        edit(fp32_model, cond, _img(), SeedPlan.single(1), steps=2, text_guidance=s_t, image_guidance=s_i)
+        edit(family_model, cond, _img(), SeedPlan.single(1), steps=2, text_guidance=s_t, image_guidance=s_i)
         assert batch_sizes == [passes, passes]
 
 
-def test_cancel_from_progress_stops_within_one_step_and_the_next_run_works(fp32_model):
-    cond = encode_instruction(fp32_model, "add snow")
+def test_cancel_from_progress_stops_within_one_step_and_the_next_run_works(family_model):
+    cond = encode_instruction(family_model, "add snow")
     seen = []
 
     class Cancelled(Exception):
@@ -109,10 +109,10 @@ def test_cancel_from_progress_stops_within_one_step_and_the_next_run_works(fp32_
             raise Cancelled
 
     with pytest.raises(Cancelled):
-        edit(fp32_model, cond, _img(), SeedPlan.single(1), steps=10, progress=progress)
+        edit(family_model, cond, _img(), SeedPlan.single(1), steps=10, progress=progress)
     assert seen == [1, 2]
-    again = edit(fp32_model, cond, _img(), SeedPlan.single(1), steps=2)
-    ref = edit(fp32_model, cond, _img(), SeedPlan.single(1), steps=2)
+    again = edit(family_model, cond, _img(), SeedPlan.single(1), steps=2)
+    ref = edit(family_model, cond, _img(), SeedPlan.single(1), steps=2)
     assert torch.equal(again.images, ref.images)
 
 

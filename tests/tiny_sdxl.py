@@ -146,7 +146,11 @@ def make_pipeline(tiny: TinySDXL, cosxl: bool = False, scheduler=None):
 
 
 def save_diffusers_folder(path: Path, seed: int = 0, cosxl: bool = False, in_channels: int = 8) -> Path:
-    """A diffusers-format SDXL-IP2P (or CosXL Edit, with its EDM scheduler) folder as ``save_pretrained`` writes it."""
-    tiny = make_components(seed, in_channels, tokenizer_dir=path / "_tok")
+    """A diffusers-format SDXL-IP2P (or CosXL Edit, with its EDM scheduler) folder as ``save_pretrained`` writes it.
+
+    The UNet's ``sample_size`` is the real model's (96: SDXL-IP2P-768 works at 768², 128: CosXL at 1024²), so
+    the default working area is the real one; it costs nothing, the UNet takes any latent size.
+    """
+    tiny = make_components(seed, in_channels, tokenizer_dir=path / "_tok", sample_size=128 if cosxl else 96)
     make_pipeline(tiny, cosxl=cosxl).save_pretrained(str(path))
     return path
