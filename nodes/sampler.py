@@ -79,7 +79,8 @@ class IP2PSampler(io.ComfyNode):
                     step=limits.TEXT_GUIDANCE.step,
                     tooltip=(
                         "How strongly the instruction is applied (s_T). Useful 5-12: raise it when the edit is too "
-                        "weak, lower it when the picture gets overcooked. 7.5 is the paper's default."
+                        "weak, lower it when the picture gets overcooked. 7.5 is the paper's default for SD1.5 models; "
+                        "SDXL-IP2P is made for 3.0, CosXL Edit for about 5.0, the toy model for 3.0."
                     ),
                 ),
                 io.Float.Input(
@@ -161,8 +162,9 @@ class IP2PSampler(io.ComfyNode):
                     optional=True,
                     tooltip=(
                         "The size the model edits at, as the side of a square of the same area (aspect is kept). "
-                        "0 = the model's own (512 for SD1.5). Larger pictures are scaled to it and back; smaller "
-                        "ones are edited at their own size. Useful 384-768 for SD1.5: higher is slower and may "
+                        "0 = the model's own (512 for SD1.5, 768 for SDXL-IP2P-768, 1024 for CosXL, 32 for the toy "
+                        "model). Larger pictures are scaled to it and back; smaller ones are edited at their own "
+                        "size. Useful 384-768 for SD1.5, 768-1280 for SDXL-based models: higher is slower and may "
                         "repeat subjects."
                     ),
                 ),
@@ -178,7 +180,7 @@ class IP2PSampler(io.ComfyNode):
                 io.Latent.Output(
                     display_name="latent",
                     tooltip=(
-                        "The result as a ComfyUI LATENT (SD1.5 VAE space) at the working resolution, before the "
+                        "The result as a ComfyUI LATENT (the model's VAE space: SD1.5 or SDXL) at the working resolution, before the "
                         "mask blend, e.g. for VAEDecode or a second pass; with crop_to_mask, the final picture "
                         "encoded at the whole picture's working resolution."
                     ),
