@@ -145,10 +145,8 @@ def to_ldm_state_dict(unet, vae, text_encoder, text_encoder_2, scheduler_config=
     for key, value in unet.state_dict().items():
         out[UNET_PREFIX + unet_key_to_ldm(key, unet.config)] = value
     # The VAE and CLIP-L are laid out as in SD1.x; only CLIP-L's prefix differs.
-    for key, value in ldm_format.to_ldm_state_dict(unet=_Empty(), vae=vae, text_encoder=text_encoder).items():
-        if key.startswith(ldm_format.CLIP_PREFIX):
-            key = CLIP_L_PREFIX + key[len(ldm_format.CLIP_PREFIX):]
-        out[key] = value
+    out.update(ldm_format.vae_to_ldm(vae))
+    out.update(ldm_format.clip_to_ldm(text_encoder, CLIP_L_PREFIX))
     for key, value in open_clip_state_dict(text_encoder_2).items():
         out[CLIP_G_PREFIX + key] = value
     out.update(edm_vpred_keys(scheduler_config))
@@ -160,17 +158,6 @@ def match_text_encoder_2_keys(state: Mapping[str, torch.Tensor], expected: set[s
     projection = {k: v for k, v in state.items() if k.startswith("text_projection.")}
     rest = {k: v for k, v in state.items() if k not in projection}
     return {**ldm_format.match_text_encoder_keys(rest, expected), **projection}
-
-
-class _Empty:
-    """No UNet: lets :func:`ldm_format.to_ldm_state_dict` lay out just the VAE and CLIP-L, which SDXL shares
-    with SD1.x, so those names are written in one place."""
-
-    config: dict = {}
-
-    @staticmethod
-    def state_dict() -> dict:
-        return {}
 
 
 def from_ldm_state_dict(checkpoint: Mapping[str, torch.Tensor], unet_config: Mapping, vae_config: Mapping,
