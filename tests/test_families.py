@@ -12,6 +12,7 @@ import pytest
 import tiny_sdxl
 import torch
 from ip2p_nodes.pipeline_core import ModelSource, SeedPlan, edit, encode_instruction
+from ip2p_nodes.pipeline_core.editing.resolution import working_size
 from ip2p_nodes.pipeline_core.errors import InputError, ModelLoadError
 from ip2p_nodes.pipeline_core.models import families, ldm_sdxl
 from ip2p_nodes.pipeline_core.models.loading import load_components, save_single_file
@@ -214,3 +215,23 @@ def test_sdxl_auto_is_the_folders_euler_and_defaults_are_the_cards(sdxl_model, c
     assert cosxl_model.components.spec.default_guidance == (5.0, 1.5)
     shipped = {f: json.loads((CONFIGS / f / "unet.json").read_text())["sample_size"] * 8 for f in ("sdxl", "cosxl")}
     assert shipped == {"sdxl": 768, "cosxl": 1024}  # single files: SDXL-IP2P-768 at 768², CosXL at 1024²
+
+
+def test_size_ids_reach_a_bf16_unet_unrounded(sdxl_folder, monkeypatch):
+    """Original size (the picture's own), crop (0, 0), target (the working size) go to the UNet in float32: in
+    bf16, 1023 would become 1024 before the UNet embeds it."""
+    from ip2p_nodes.pipeline_core import ModelCache
+
+    cache = ModelCache()
+    model = cache.get(cache.key_for(ModelSource("diffusers", str(sdxl_folder)), "bf16", "cpu"))
+    unet = model.components.unet
+    seen, forward = [], unet.forward
+    monkeypatch.setattr(unet, "forward", lambda *a, **k: seen.append(k["added_cond_kwargs"]) or forward(*a, **k))
+    img = torch.rand(1, 1023, 777, 3, generator=torch.Generator().manual_seed(0))
+    out = edit(model, encode_instruction(model, "make it red"), img, SeedPlan.single(1), steps=1,
+               working_resolution=64)
+    assert out.images.shape == (1, 1023, 777, 3)
+    time_ids = seen[0]["time_ids"]
+    assert time_ids.dtype == torch.float32
+    work = working_size(1023, 777, model.components.working_resolution, 64)  # 73 x 56
+    assert time_ids.tolist() == [[1023.0, 777.0, 0.0, 0.0, work.content_height, work.content_width]] * 3
