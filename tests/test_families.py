@@ -235,3 +235,15 @@ def test_size_ids_reach_a_bf16_unet_unrounded(sdxl_folder, monkeypatch):
     assert time_ids.dtype == torch.float32
     work = working_size(1023, 777, model.components.working_resolution, 64)  # 73 x 56
     assert time_ids.tolist() == [[1023.0, 777.0, 0.0, 0.0, work.content_height, work.content_width]] * 3
+
+
+def test_sdxl_folder_without_tokenizer_2_pads_clip_g_with_id_zero(tmp_path, sdxl_folder):
+    """A folder fetched without tokenizer_2/ (older download patterns) still gets CLIP-G's padding right."""
+    folder = shutil.copytree(sdxl_folder, tmp_path / "no-tok2")
+    shutil.rmtree(folder / "tokenizer_2")
+    comps = load_components(ModelSource("diffusers", str(folder)), FP32, "cpu")
+    full = load_components(ModelSource("diffusers", str(sdxl_folder)), FP32, "cpu")
+    text = "a b"
+    assert comps.tokenizer_2(text, padding="max_length", max_length=77).input_ids == full.tokenizer_2(
+        text, padding="max_length", max_length=77).input_ids
+    assert comps.tokenizer_2.pad_token_id == 0

@@ -125,7 +125,8 @@ def download_hub_model(repo_id: str) -> Path:
     """The one place the pack touches the network, and only for an id the user typed."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*", "*.safetensors"]
+    # tokenizer_2: SDXL-based models (CLIP-G pads differently from CLIP-L)
+    patterns = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*", "*.safetensors"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
     except Exception:
