@@ -71,3 +71,20 @@ def test_text_encoders_fill_comfyuis_sdxl_clip_model():
     assert set(clip_state) - expected == set()
     for key, value in clip_state.items():
         assert tuple(value.shape) == tuple(clip.state_dict()[key].shape), key
+
+
+@pytest.mark.parametrize("prompt", ["a photo of a cat", "", "turn the sky into a cloudy one, dramatic light"])
+def test_clip_tokens_from_comfyuis_sd1_tokenizer_folder_match_its_sdxl_tokenizer(prompt):
+    """Single SDXL files take both tokenizers from ComfyUI's comfy/sd1_tokenizer, as the SDXL family loads them:
+    same ids as ComfyUI's SDXLTokenizer for CLIP-L (end-of-text padding) and CLIP-G (id-0 padding). Prompt
+    weighting syntax, "(word:1.2)", is ComfyUI's own and not parsed by the pack."""
+    from ip2p_nodes.pipeline_core.models.families.base import single_file_tokenizer
+    from ip2p_nodes.pipeline_core.models.families.sdxl import clip_g_pad_kwargs
+
+    folder = str(comfy_harness.comfyui_dir() / "comfy" / "sd1_tokenizer")
+    where = Path("cosxl_edit.safetensors")
+    clip_l = single_file_tokenizer(where, None, folder)
+    clip_g = single_file_tokenizer(where, None, folder, **clip_g_pad_kwargs(clip_l))
+    theirs = comfy.sdxl_clip.SDXLTokenizer().tokenize_with_weights(prompt)
+    for ours, key in ((clip_l, "l"), (clip_g, "g")):
+        assert ours(prompt, padding="max_length", max_length=77).input_ids == [t for t, _ in theirs[key][0]], key
