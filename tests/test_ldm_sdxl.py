@@ -144,3 +144,34 @@ def test_shipped_configs_build_the_real_architectures():
         assert (ldm_sdxl.EDM_SIGMA_MAX in state) == (family == "cosxl")
     # SDXL base UNet 2,567,463,684 + 4 extra input channels x 320 x 3 x 3; VAE; CLIP-L; CLIP-G with projection.
     assert counts["sdxl"] == counts["cosxl"] == [2_567_475_204, 83_653_863, 123_060_480, 694_659_840]
+
+
+@pytest.mark.parametrize("family", ["sdxl", "cosxl"])
+def test_real_size_layout_reads_back_into_the_shipped_architecture(family):
+    """Real-size names and shapes (meta device): what the writer lays out, diffusers' converters read back into
+    modules built from the shipped configs with strict loading, as a real single file is read."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = {n: json.loads((CONFIGS / family / f"{n}.json").read_text())
+           for n in ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")}
+
+    def build():
+        with torch.device("meta"):
+            return (UNet2DConditionModel.from_config(cfg["unet"]), AutoencoderKL.from_config(cfg["vae"]),
+                    CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])),
+                    CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"])))
+
+    state = ldm_sdxl.to_ldm_state_dict(*build(), cfg["scheduler"])
+    unet_sd, vae_sd, clip_l_sd, clip_g_sd = ldm_sdxl.from_ldm_state_dict(state, cfg["unet"], cfg["vae"],
+                                                                         cfg["text_encoder_2"])
+    unet, vae, clip_l, clip_g = build()
+    unet.load_state_dict(unet_sd, strict=True, assign=True)
+    vae.load_state_dict(vae_sd, strict=True, assign=True)
+    missing, unexpected = clip_l.load_state_dict(
+        ldm_format.match_text_encoder_keys(clip_l_sd, set(clip_l.state_dict())), strict=False, assign=True)
+    assert [k for k in missing if not k.endswith("position_ids")] == [] and unexpected == []
+    missing, unexpected = clip_g.load_state_dict(
+        ldm_sdxl.match_text_encoder_2_keys(clip_g_sd, set(clip_g.state_dict())), strict=False, assign=True)
+    assert [k for k in missing if not k.endswith("position_ids")] == [] and unexpected == []
+    assert clip_g.text_projection.weight.shape == (1280, 1280)
