@@ -19,14 +19,14 @@ import pytest
 
 import browser_harness
 import comfy_harness
+import example_workflows
 import workflow_format as wf
 import workflow_layout
 from ip2p_nodes.pipeline_core.toy import SAMPLE_IMAGE_NAME
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOW_DIR = REPO / "workflows"
 ARTIFACT_DIR = Path(os.environ.get("IP2P_ARTIFACTS", REPO / "artifacts")) / "workflows" / "layout"
-WORKFLOWS = sorted(p.stem for p in WORKFLOW_DIR.glob("*.json"))
+WORKFLOWS = example_workflows.KEYS
 # What the app's missing-models dialog writes instead of a download button when it refuses one.
 REFUSALS = ("Only allowed suffixes", "Download not allowed", "Invalid directory")
 
@@ -72,7 +72,7 @@ def page(server):
 @browser_harness.requires_browser
 @pytest.mark.browser
 def test_no_nodes_overlap_and_groups_hold_their_nodes_once_picture_previews_render(name, page):
-    browser_harness.load_workflow_file(page, WORKFLOW_DIR / f"{name}.json")
+    browser_harness.load_workflow_file(page, example_workflows.path(name))
     browser_harness.dismiss_messages(page)  # the missing-models dialog: checked below
     browser_harness.wait_for_image_previews(page)
     ARTIFACT_DIR.mkdir(parents=True, exist_ok=True)
@@ -88,8 +88,8 @@ def test_no_nodes_overlap_and_groups_hold_their_nodes_once_picture_previews_rend
 @browser_harness.requires_browser
 @pytest.mark.browser
 def test_missing_models_dialog_offers_a_download_for_every_model_named(name, page):
-    wanted = [m for n in wf.load(WORKFLOW_DIR / f"{name}.json")["nodes"] for m in n["properties"].get("models", [])]
-    browser_harness.load_workflow_file(page, WORKFLOW_DIR / f"{name}.json")
+    wanted = [m for n in wf.load(example_workflows.path(name))["nodes"] for m in n["properties"].get("models", [])]
+    browser_harness.load_workflow_file(page, example_workflows.path(name))
     dialogs = browser_harness.shown_messages(page)["dialogs"]
     browser_harness.dismiss_messages(page)
     if not wanted:  # the toy demo: its model ships with the pack
@@ -100,3 +100,30 @@ def test_missing_models_dialog_offers_a_download_for_every_model_named(name, pag
         assert f"{model['directory']} / {model['name']}" in dialog, dialog
     refused = [r for r in REFUSALS if r in dialog]
     assert not refused, f"the app refuses a download: {dialog}"
+
+
+def open_pack_templates(page) -> None:
+    """The Templates browser, on the pack's own category (named after its folder in custom_nodes)."""
+    page.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    page.get_by_role("dialog").get_by_text(comfy_harness.PACK_FOLDER_NAME, exact=True).first.click()
+
+
+@comfy_harness.requires_comfyui
+@browser_harness.requires_browser
+@pytest.mark.browser
+def test_templates_browser_shows_each_workflow_by_its_title_with_its_thumbnail_and_opens_it(page):
+    for name in WORKFLOWS:
+        title = example_workflows.TITLES[name]
+        page.evaluate("() => app.extensionManager.command.execute('Comfy.NewBlankWorkflow')")
+        page.wait_for_function("() => app.graph.nodes.length === 0")
+        open_pack_templates(page)
+        card = page.locator(f'[data-testid="template-workflow-{title}"]')
+        card.wait_for(timeout=30_000)
+        assert card.locator("h3").inner_text() == title
+        image = card.locator("img")
+        image.wait_for(timeout=30_000)
+        page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=image.element_handle())
+        card.click()
+        expected = len(wf.load(example_workflows.path(name))["nodes"])
+        page.wait_for_function(f"() => app.graph.nodes.length === {expected}", timeout=30_000)
+        browser_harness.dismiss_messages(page)
