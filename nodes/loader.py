@@ -38,7 +38,7 @@ class IP2PModelLoader(io.ComfyNode):
                         "checkpoint is refused because it would ignore the picture. Press R after adding files. The last entry, toy-ip2p, is a tiny demo model "
                         "shipped with the pack: it only knows 32x32 pictures of coloured shapes and instructions "
                         "like 'make the circle red' (best at text guidance 3, image guidance 1.5); try it with "
-                        "the toy_demo workflow."
+                        "the 'Toy demo, no download' workflow template."
                     ),
                 ),
                 io.String.Input(

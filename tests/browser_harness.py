@@ -108,6 +108,57 @@ def load_workflow_file(page, path: Path) -> None:
     page.wait_for_timeout(1000)  # dialogs and toasts are shown after the graph is configured
 
 
+IMAGE_PREVIEWS_JS = """() => app.graph.nodes
+    .filter((n) => n.widgets?.some((w) => w.name === 'upload'))
+    .filter((n) => !(n.imgs?.length && n.imgs.every((img) => img.complete && img.naturalWidth > 0)))
+    .map((n) => `#${n.id} ${n.title}: ${n.widgets.find((w) => w.name === 'image')?.value}`)"""
+
+
+def wait_for_image_previews(page, timeout_ms: int = 30_000, settle_ms: int = 400) -> None:
+    """Wait until every picture-loading node (Load Image) shows its picture, and node sizes stop changing.
+
+    The app grows a Load Image node to fit its preview once the picture has loaded: the layout a user sees
+    is only there after that. Raises, naming the nodes, when a picture never renders (missing file).
+    """
+    try:
+        page.wait_for_function(f"() => ({IMAGE_PREVIEWS_JS})().length === 0", timeout=timeout_ms)
+    except Exception as exc:  # playwright's TimeoutError; say which pictures are missing
+        pending = page.evaluate(IMAGE_PREVIEWS_JS)
+        raise AssertionError(f"no picture preview rendered for: {pending}") from exc
+    sizes = "() => JSON.stringify(app.graph.nodes.map((n) => [n.id, ...n.pos, ...n.size]))"
+    previous = None
+    for _ in range(50):
+        page.evaluate("() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)))")
+        current = page.evaluate(sizes)
+        if current == previous:
+            return
+        previous = current
+        page.wait_for_timeout(settle_ms)
+    raise AssertionError("node sizes kept changing after the picture previews rendered")
+
+
+def layout(page) -> dict:
+    """Every node's drawn box (title bar included) and every group's box, in graph units.
+
+    ``{"nodes": [{id, type, title, x, y, w, h}], "groups": [{title, x, y, w, h, title_height}]}``.
+    """
+    return page.evaluate(
+        """() => {
+            const title = LiteGraph.NODE_TITLE_HEIGHT
+            const nodes = app.graph.nodes.map((n) => ({
+                id: n.id, type: n.type, title: n.title, x: n.pos[0], y: n.pos[1] - title,
+                w: n.flags?.collapsed ? (n._collapsed_width ?? n.size[0]) : n.size[0],
+                h: n.flags?.collapsed ? title : n.size[1] + title,
+            }))
+            const groups = app.graph.groups.map((g) => ({
+                title: g.title, x: g.pos[0], y: g.pos[1], w: g.size[0], h: g.size[1],
+                title_height: g.titleHeight ?? (g.font_size ?? 24) * 1.4,
+            }))
+            return {nodes, groups}
+        }"""
+    )
+
+
 def shown_messages(page) -> dict[str, list[str]]:
     """Texts of the dialogs and the toasts the app is showing right now."""
     return page.evaluate(

@@ -6,12 +6,14 @@ anything, the tests write files of the same architectures with random weights un
 - ``v1-5-pruned-emaonly-fp16.safetensors``: a full-size SD1.5 checkpoint (860 M UNet with 4 input channels,
   VAE, CLIP-L text encoder) in the LDM single-file layout, fp16, as ComfyUI's ``CheckpointLoaderSimple``
   reads it. It must be full size: ComfyUI recognises SD1.5 by the UNet's shapes.
-- ``control_v11p_sd15_canny.pth``: a full-size SD1.5 ControlNet, diffusers key layout (which
-  ``comfy.controlnet.load_controlnet_state_dict`` converts), pickled with ``torch.save`` so ComfyUI's
-  weights-only ``.pth`` loading accepts it.
+- ``control_v11p_sd15_canny_fp16.safetensors``: a full-size SD1.5 ControlNet in the original ControlNet 1.1
+  key layout (``input_blocks``, ``zero_convs``, ``input_hint_block`` ...), fp16, as the real file
+  (comfyanonymous/ControlNet-v1-1_fp16_safetensors) has it and ComfyUI's ``ControlNetLoader`` reads it.
 - ``instruct-pix2pix-00-22000.safetensors``: the tiny SD1.5-shaped InstructPix2Pix model of
   :mod:`tiny_models` as one LDM-layout file (with its configs and vocabulary in the metadata), which the
   pack's loader reads. The pack only ever sees its own loader's output, so its cost stays small.
+- ``cosxl_edit.safetensors``: a name only (an empty file), so the loader lists it and a workflow naming it
+  builds and validates; nothing can run on it. The CosXL family writes a real-architecture file in its place.
 
 Weights are drawn directly in fp16 on modules built on the meta device: diffusers' default initialisation of
 the full-size UNet alone takes ~13 s on two cores; this takes a fraction of that.
@@ -28,8 +30,9 @@ import torch
 import tiny_models
 
 SD15_NAME = "v1-5-pruned-emaonly-fp16.safetensors"
-CONTROLNET_NAME = "control_v11p_sd15_canny.pth"
+CONTROLNET_NAME = "control_v11p_sd15_canny_fp16.safetensors"
 IP2P_NAME = "instruct-pix2pix-00-22000.safetensors"
+COSXL_NAME = "cosxl_edit.safetensors"
 
 CONFIG_DIR = Path(__file__).parents[1] / "pipeline_core" / "models" / "configs" / "sd15"
 
@@ -80,9 +83,32 @@ def write_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def controlnet_key_to_original(key: str, config: dict) -> str:
+    """A diffusers ``ControlNetModel`` key in the original ControlNet layout (``cldm.py``'s module names)."""
+    from ip2p_nodes.pipeline_core.ldm_format import unet_key_to_ldm
+
+    parts = key.split(".")
+    if parts[0] == "controlnet_down_blocks":  # controlnet_down_blocks.i.* -> zero_convs.i.0.*
+        return f"zero_convs.{parts[1]}.0." + ".".join(parts[2:])
+    if parts[0] == "controlnet_mid_block":
+        return "middle_block_out.0." + ".".join(parts[1:])
+    if parts[0] == "controlnet_cond_embedding":
+        # The hint encoder is one Sequential of convolutions, each followed by a SiLU: conv_in, blocks.0..n-1,
+        # conv_out sit at even indices 0, 2, ..., 2n + 2.
+        if parts[1] == "conv_in":
+            index, rest = 0, parts[2:]
+        elif parts[1] == "blocks":
+            index, rest = 2 * (int(parts[2]) + 1), parts[3:]
+        else:  # conv_out
+            index, rest = 2 * (len(config["conditioning_embedding_out_channels"]) * 2 - 1), parts[2:]
+        return f"input_hint_block.{index}." + ".".join(rest)
+    return unet_key_to_ldm(key, config)  # the encoder half of the UNet: same names as in SD checkpoints
+
+
 def write_controlnet(path: Path, seed: int = 1) -> Path:
-    """A full-size SD1.5 ControlNet (diffusers keys, fp16) as a weights-only ``.pth``."""
+    """A full-size SD1.5 ControlNet (original ControlNet 1.1 key layout, fp16) as ``.safetensors``."""
     from diffusers import ControlNetModel
+    from safetensors.torch import save_file
 
     generator = torch.Generator().manual_seed(seed)
     unet_config = _config("unet")
@@ -97,8 +123,11 @@ def write_controlnet(path: Path, seed: int = 1) -> Path:
             attention_head_dim=unet_config["attention_head_dim"],
         )
     _materialize_random(controlnet, generator)
+    state = {
+        controlnet_key_to_original(k, controlnet.config): v.contiguous() for k, v in controlnet.state_dict().items()
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.contiguous() for k, v in controlnet.state_dict().items()}, str(path))
+    save_file(state, str(path))
     return path
 
 
@@ -111,8 +140,15 @@ def write_ip2p_checkpoint(path: Path, seed: int = 0) -> Path:
     return save_single_file((unet, vae, text_encoder), path, tokenizer_dir=tokenizer_dir)
 
 
+def write_name_only(path: Path) -> Path:
+    """An empty file: the loader lists it by name; loading it fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
 def write_model_tree(root: Path) -> dict[str, Path]:
-    """ComfyUI model folders under ``root`` holding the three files; returns {folder key: folder}.
+    """ComfyUI model folders under ``root`` holding the files above; returns {folder key: folder}.
 
     Folder keys are ComfyUI's (``checkpoints``, ``controlnet``) and the pack's own ``instructpix2pix``.
     """
@@ -122,6 +158,7 @@ def write_model_tree(root: Path) -> dict[str, Path]:
         ("checkpoints", SD15_NAME, write_sd15_checkpoint),
         ("controlnet", CONTROLNET_NAME, write_controlnet),
         ("instructpix2pix", IP2P_NAME, write_ip2p_checkpoint),
+        ("checkpoints", COSXL_NAME, write_name_only),
     ):
         start = time.perf_counter()
         writer(folders[key] / name)

@@ -2,18 +2,20 @@
 
 Three tiers:
 
-- File checks, always: UI format 0.4 with consistent links, a thumbnail per workflow, our nodes tagged with
-  the pack id and version, the model files users actually have.
+- File checks, always: UI format 0.4 with consistent links, a thumbnail per workflow, titles (file names) that
+  read well in the Templates browser, our nodes tagged with the pack id and version, the model files users
+  actually have, with download links the app accepts.
 - Against a real ComfyUI with the pack (``COMFYUI_DIR``; marker ``server``): every node type, link and widget
   value is valid for that ComfyUI, and every workflow, converted to an API prompt, runs end to end on the
   CPU and writes its images. The models are random-weight files of the real architectures, written by the
   tests under the names the workflows use (``model_files``); the run is shrunk to 64 px and 1 step. The toy
   demo runs exactly as shipped (its embedded model is tiny) on the shipped sample picture, and its edit is
-  checked against the exactly correct one.
+  checked against the exactly correct one. ``cosxl_edit`` is checked but not run until the pack has the CosXL
+  family.
 - In the real web app (marker ``browser``; needs ``playwright`` and a Chromium too): each workflow, opened
   through the app's file input, shows no dialog and no warning, and the prompt the app would send is the
   one the conversion makes and the server runs it. A screenshot of each graph is kept in
-  ``artifacts/workflows/``.
+  ``artifacts/workflows/``. The layout checks (pictures present) are in ``test_workflow_layout.py``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import shutil
 import time
 import tomllib
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -31,25 +34,37 @@ from PIL import Image, ImageDraw
 
 import browser_harness
 import comfy_harness
+import example_workflows
 import model_files
 import workflow_format as wf
 from ip2p_nodes.pipeline_core.training.evaluation import rule_check
 from ip2p_nodes.pipeline_core.training.toy import SAMPLE_IMAGE_NAME, TOY_MODEL_CHOICE, sample_image_path, sample_triplet
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOW_DIR = REPO / "workflows"
+WORKFLOW_DIR = example_workflows.WORKFLOW_DIR
 ARTIFACT_DIR = Path(os.environ.get("IP2P_ARTIFACTS", REPO / "artifacts")) / "workflows"
 PACK_ID = "ip2p-nodes"
 PACK_VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
-WORKFLOW_NAMES = ["basic_edit", "txt2img_edit_inpaint", "guidance_sweep", "batch_edit", "controlnet_edit", "toy_demo"]
+WORKFLOW_NAMES = example_workflows.KEYS
+# Run end to end on the CPU; the lead removes the skip once the pack has the CosXL family.
+RUNNABLE = [
+    pytest.param(name, marks=pytest.mark.skip(reason="needs the CosXL family")) if name == "cosxl_edit" else name
+    for name in WORKFLOW_NAMES
+]
 MODEL_WIDGETS = {
     "IP2PModelLoader": model_files.IP2P_NAME,
     "CheckpointLoaderSimple": model_files.SD15_NAME,
     "ControlNetLoader": model_files.CONTROLNET_NAME,
 }
 # The toy demo names the pack's embedded model, which every install has.
-MODEL_WIDGETS_OF = {"toy_demo": {"IP2PModelLoader": TOY_MODEL_CHOICE}}
+MODEL_WIDGETS_OF = {
+    "toy_demo": {"IP2PModelLoader": TOY_MODEL_CHOICE},
+    "cosxl_edit": {"IP2PModelLoader": model_files.COSXL_NAME},
+}
+# What the app's missing-models dialog accepts for a download link (frontend 1.35, MissingModelsWarning).
+DOWNLOAD_SUFFIXES = (".safetensors", ".sft")
+DOWNLOAD_HOSTS = ("https://huggingface.co/", "https://civitai.com/")
 # Run exactly as shipped (no shrinking): the toy model is tiny, and what it makes is checked.
 AS_SHIPPED = {"toy_demo"}
 TOY_SIZE = 32
@@ -67,12 +82,13 @@ EXPECTED_IMAGES = {
     "batch_edit": {"ip2p/batch": (6, RUN_SIZE), "ip2p/batch_grid": (1, 2 * RUN_SIZE + 4)},
     "controlnet_edit": {"ip2p/controlnet": (1, RUN_SIZE), "ip2p/controlnet_edited": (1, RUN_SIZE)},
     "toy_demo": {"ip2p/toy_edit": (1, TOY_SIZE), "ip2p/toy_edit_x8": (1, 8 * TOY_SIZE)},
+    "cosxl_edit": {"ip2p/cosxl_edit": (1, RUN_SIZE)},
 }
 GRID_ROWS = {"ip2p/sweep_grid": 6, "ip2p/batch_grid": 3}
 
 
 def workflow_path(name: str) -> Path:
-    return WORKFLOW_DIR / f"{name}.json"
+    return example_workflows.path(name)
 
 
 def nodes_of(workflow: dict, *, backend_only: bool = True) -> list[dict]:
@@ -83,12 +99,53 @@ def nodes_of(workflow: dict, *, backend_only: bool = True) -> list[dict]:
 # The files
 
 
-def test_the_six_workflows_ship_each_with_a_jpeg_thumbnail_of_the_same_name():
-    assert sorted(p.stem for p in WORKFLOW_DIR.glob("*.json")) == sorted(WORKFLOW_NAMES)
+def test_the_workflows_ship_each_with_a_jpeg_thumbnail_of_the_same_name():
+    assert sorted(p.name for p in WORKFLOW_DIR.iterdir()) == sorted(
+        f"{example_workflows.TITLES[name]}{suffix}" for name in WORKFLOW_NAMES for suffix in (".json", ".jpg")
+    )
     for name in WORKFLOW_NAMES:
-        with Image.open(WORKFLOW_DIR / f"{name}.jpg") as thumbnail:
+        with Image.open(example_workflows.thumbnail(name)) as thumbnail:
             assert thumbnail.format == "JPEG"
-            assert min(thumbnail.size) >= 300, f"{name}.jpg is too small to show the graph"
+            assert min(thumbnail.size) >= 300, f"{thumbnail.filename} is too small to show anything"
+
+
+@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+def test_file_names_read_as_titles_in_the_templates_browser(name):
+    """The browser shows the file name as the title, on one line of a card, and says nothing else about it."""
+    title = workflow_path(name).stem
+    assert len(title) <= example_workflows.TITLE_CHARS, f"{title!r} does not fit on the card's one line"
+    assert "_" not in title and "-" not in title, f"{title!r}: write words, not an identifier"
+    assert title[0].isupper(), title
+
+
+def test_the_toy_demos_thumbnail_is_its_result_not_a_graph():
+    """A square picture (the card is square) showing the shipped edit: a red circle on a light background."""
+    import numpy as np
+
+    with Image.open(example_workflows.thumbnail("toy_demo")) as thumbnail:
+        assert thumbnail.width == thumbnail.height
+        pixels = np.asarray(thumbnail.convert("RGB"), dtype=np.int16)
+    red = (pixels[..., 0] > 180) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)
+    blue = (pixels[..., 2] > 180) & (pixels[..., 0] < 100) & (pixels[..., 1] < 120)
+    half = thumbnail.width // 2
+    # Input on the left (its circle blue), result on the right (its circle red): a circle is about 1% of the picture.
+    assert blue[:, :half].mean() > 0.005 and red[:, :half].mean() < 0.001, "the left half is not the input"
+    assert red[:, half:].mean() > 0.005 and blue[:, half:].mean() < 0.001, "the right half is not the edit"
+
+
+@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+def test_every_model_named_has_a_download_link_the_app_offers(name):
+    """The app's missing-models dialog refuses other suffixes (e.g. .pth) and other hosts."""
+    loaders = [n for n in wf.load(workflow_path(name))["nodes"] if n["type"] in MODEL_WIDGETS]
+    for node in loaders:
+        models = node["properties"].get("models", [])
+        if node["widgets_values"][0] == TOY_MODEL_CHOICE:
+            assert models == [], "the embedded toy model has nothing to download"
+            continue
+        [model] = models
+        assert model["name"] == node["widgets_values"][0]
+        assert model["name"].endswith(DOWNLOAD_SUFFIXES), model
+        assert model["url"].startswith(DOWNLOAD_HOSTS), model
 
 
 @pytest.mark.parametrize("name", WORKFLOW_NAMES)
@@ -277,7 +334,7 @@ def test_every_widget_value_is_valid_for_its_input_and_seeds_are_fixed(name, obj
 
 @comfy_harness.requires_comfyui
 @pytest.mark.server
-@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+@pytest.mark.parametrize("name", RUNNABLE)
 def test_workflow_runs_end_to_end_on_the_cpu_and_saves_its_images(name, server, object_info):
     workflow = wf.load(workflow_path(name))
     prompt = shrink(wf.to_api_prompt(workflow, object_info), name)
@@ -293,12 +350,14 @@ def test_workflow_runs_end_to_end_on_the_cpu_and_saves_its_images(name, server, 
 def test_workflow_templates_lists_and_serves_the_pack_workflows(server):
     listing = server.get_json("/workflow_templates")
     folder = comfy_harness.PACK_FOLDER_NAME
-    assert sorted(listing.get(folder, [])) == sorted(WORKFLOW_NAMES)
+    assert sorted(listing.get(folder, [])) == sorted(example_workflows.TITLES.values())
     for name in WORKFLOW_NAMES:
-        status, body = server.request("GET", f"/api/workflow_templates/{folder}/{name}.json")
+        # The names have spaces: the app's fetch percent-encodes them, and so must we.
+        url = f"/api/workflow_templates/{folder}/{urllib.parse.quote(example_workflows.TITLES[name])}"
+        status, body = server.request("GET", url + ".json")
         assert status == 200 and body == wf.load(workflow_path(name))
-        with urllib.request.urlopen(f"{server.base_url}/api/workflow_templates/{folder}/{name}.jpg") as thumbnail:
-            assert thumbnail.read() == (WORKFLOW_DIR / f"{name}.jpg").read_bytes()
+        with urllib.request.urlopen(f"{server.base_url}{url}.jpg") as thumbnail:
+            assert thumbnail.read() == example_workflows.thumbnail(name).read_bytes()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -354,12 +413,11 @@ def test_the_warning_check_sees_a_missing_node_dialog_and_a_schema_alert(app_pag
 @browser_harness.requires_browser
 @pytest.mark.browser
 @pytest.mark.parametrize("name", WORKFLOW_NAMES)
-def test_workflow_opens_in_the_app_without_warnings_and_runs_from_its_prompt(name, app_page, server, object_info):
+def test_workflow_opens_in_the_app_without_warnings_and_its_prompt_is_the_conversion(name, app_page, object_info):
     browser_harness.load_workflow_file(app_page, workflow_path(name))
     shown = browser_harness.shown_messages(app_page)
     ARTIFACT_DIR.mkdir(parents=True, exist_ok=True)
-    shot = browser_harness.screenshot_graph(app_page, ARTIFACT_DIR / f"{name}.png")
-    print(f"screenshot: {shot}")
+    browser_harness.screenshot_graph(app_page, ARTIFACT_DIR / f"{name}.png")
     assert shown == {"dialogs": [], "toasts": []}, f"the app showed: {shown}"
 
     from_app = browser_harness.graph_to_prompt(app_page)["output"]
@@ -368,6 +426,13 @@ def test_workflow_opens_in_the_app_without_warnings_and_runs_from_its_prompt(nam
         k: (v["class_type"], v["inputs"]) for k, v in ours.items()
     }, "the app's prompt differs from the file's conversion"
 
-    workflow = wf.load(workflow_path(name))
+
+@comfy_harness.requires_comfyui
+@browser_harness.requires_browser
+@pytest.mark.browser
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_the_prompt_the_app_sends_runs(name, app_page, server):
+    browser_harness.load_workflow_file(app_page, workflow_path(name))
+    from_app = browser_harness.graph_to_prompt(app_page)["output"]
     entry = server.run_prompt(shrink(from_app, name), timeout=600)
-    check_saved_images(server, name, workflow, entry)
+    check_saved_images(server, name, wf.load(workflow_path(name)), entry)

@@ -299,7 +299,7 @@ def sample_scene() -> synthetic.Scene:
 def sample_triplet() -> synthetic.Triplet:
     """The sample scene, :data:`SAMPLE_INSTRUCTION` and its exactly correct edit (the circle turned red).
 
-    For :func:`evaluation.rule_check` of what the demo and the ``toy_demo`` workflow make of the sample.
+    For :func:`evaluation.rule_check` of what the demo and the "Toy demo, no download" workflow make of the sample.
     """
     from dataclasses import replace
 
