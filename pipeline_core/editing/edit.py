@@ -193,8 +193,8 @@ def edit(
     images: torch.Tensor,
     plan: SeedPlan | Sequence[PlanItem],
     steps: int = 20,
-    text_guidance: float = 7.5,
-    image_guidance: float = 1.5,
+    text_guidance: float | None = None,
+    image_guidance: float | None = None,
     scheduler: str | None = "auto",
     progress: Progress | None = None,
     max_batch: int = 4,
@@ -214,6 +214,10 @@ def edit(
     Outputs are ordered image-major: all plan items of image 0, then of image 1, ... Items are run in batches
     of up to ``max_batch`` that share guidance scales; a batch's composition does not change any item.
 
+    ``text_guidance`` / ``image_guidance``: s_T and s_I of the paper's formula; None is the model family's
+    default (7.5 / 1.5 for SD1.x, 3.0 / 1.5 for SDXL-IP2P, 5.0 / 1.5 for CosXL Edit). A plan item's own values
+    win over these.
+
     ``scheduler``: a name of :data:`SCHEDULER_CHOICES`; ``"auto"`` (default) is the model's own — its diffusers
     folder's scheduler, else its family's (Euler ancestral for SD1.5, EDM Euler for CosXL).
 
@@ -231,15 +235,17 @@ def edit(
     image's own latent, noised, and run the last ``steps * denoise`` steps, so small changes stay small.
     """
     check_conditioning(model, cond)
+    c = model.components
+    default_text, default_image = c.spec.default_guidance
     settings = EditSettings(
-        steps=steps, text_guidance=text_guidance, image_guidance=image_guidance, scheduler=scheduler,
+        steps=steps, text_guidance=default_text if text_guidance is None else text_guidance,
+        image_guidance=default_image if image_guidance is None else image_guidance, scheduler=scheduler,
         max_batch=max_batch, feather=feather, denoise=denoise, working_resolution=working_resolution,
         max_side=max_side, upscale_small=upscale_small, restore_detail=restore_detail, crop_to_mask=crop_to_mask,
         crop_padding=crop_padding,
     ).checked()
     items = plan_items(plan)
     guidances = [settings.guidance_for(it) for it in items]
-    c = model.components
     scheduler_name = c.spec.resolve_scheduler(settings.scheduler, c.scheduler_config)  # bad name: fail now
     images = check_images(images)
     batch, height, width = images.shape[:3]
