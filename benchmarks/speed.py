@@ -34,8 +34,8 @@ def build_modules(kind: str, tmp: Path):
     if kind == "tiny":
         import sys
 
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        import tiny_models
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the shared test support package
+        from support import tiny_models
 
         unet, vae, te, _ = tiny_models.make_components()
     else:

@@ -1,16 +1,12 @@
 import logging
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import tiny_models  # noqa: E402
-
-from ip2p_nodes.pipeline_core import ModelCache, ModelSource  # noqa: E402
-from ip2p_nodes.pipeline_core.models.loading import save_single_file  # noqa: E402
+from ip2p_nodes.pipeline_core import ModelCache, ModelSource
+from ip2p_nodes.pipeline_core.models.loading import save_single_file
+from support import tiny_models
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 

@@ -6,8 +6,8 @@ every ``.json`` is exactly what the frontend writes (UI format 0.4). The ``.jpg`
 screenshot of the graph, which ComfyUI's template browser shows as the thumbnail.
 
 Needs ``COMFYUI_DIR`` (a ComfyUI checkout), Debian's ``chromium`` and the ``playwright`` package; it downloads
-nothing. The model files the widgets name are written with random weights by ``tests/model_files.py`` so the
-dropdowns hold them, as they would on a user's machine::
+nothing. The model files the widgets name are written with random weights by ``tests/support/model_files.py``
+so the dropdowns hold them, as they would on a user's machine::
 
     COMFYUI_DIR=/opt/comfy/ComfyUI python tools/build_workflows.py            # all
     COMFYUI_DIR=/opt/comfy/ComfyUI python tools/build_workflows.py basic_edit # some
@@ -27,12 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests"))  # the test support package, tests/support, is shared with the tests
 
-import browser_harness  # noqa: E402
-import comfy_harness  # noqa: E402
-import model_files  # noqa: E402
-import workflow_format  # noqa: E402
+from support import browser_harness, comfy_harness, model_files, workflow_format  # noqa: E402
 from ip2p_nodes.pipeline_core.training.toy import (  # noqa: E402
     SAMPLE_IMAGE_NAME,
     SAMPLE_INSTRUCTION,

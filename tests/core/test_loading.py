@@ -5,7 +5,7 @@ import socket
 import pytest
 import torch
 
-import tiny_models
+from support import tiny_models
 from ip2p_nodes.pipeline_core import ModelCache, ModelSource, SeedPlan, edit, encode_instruction
 from ip2p_nodes.pipeline_core.errors import ModelLoadError
 from ip2p_nodes.pipeline_core.models.loading import load_components, save_single_file

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 COMFYUI_ENV = "COMFYUI_DIR"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PACK_FOLDER_NAME = "ip2p-nodes-under-test"  # a name the pack cannot import itself by: relative imports only
 SKIP_REASON = f"needs a ComfyUI checkout: set {COMFYUI_ENV} (e.g. {COMFYUI_ENV}=/opt/comfy/ComfyUI)"
 

@@ -6,10 +6,10 @@ One server for the module (start-up is most of the cost); each test leaves it id
 
 from __future__ import annotations
 
-import comfy_harness
+from support import comfy_harness
 import numpy as np
 import pytest
-import tiny_models
+from support import tiny_models
 from ip2p_nodes.pipeline_core.models.loading import save_single_file
 from PIL import Image
 

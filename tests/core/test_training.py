@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-import tiny_models
+from support import tiny_models
 
 from ip2p_nodes.pipeline_core import ModelCache, ModelSource
 from ip2p_nodes.pipeline_core.errors import InputError

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import comfy_harness
+from support import comfy_harness
 import pytest
 import torch
 

@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-import tiny_models
+from . import tiny_models
 
 SD15_NAME = "v1-5-pruned-emaonly-fp16.safetensors"
 CONTROLNET_NAME = "control_v11p_sd15_canny.pth"
 IP2P_NAME = "instruct-pix2pix-00-22000.safetensors"
 
-CONFIG_DIR = Path(__file__).parents[1] / "pipeline_core" / "models" / "configs" / "sd15"
+CONFIG_DIR = Path(__file__).parents[2] / "pipeline_core" / "models" / "configs" / "sd15"
 
 
 def _config(name: str) -> dict:

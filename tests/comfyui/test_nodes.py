@@ -13,9 +13,9 @@ import socket
 import sys
 from pathlib import Path
 
-import comfy_harness
+from support import comfy_harness
 import pytest
-import tiny_models
+from support import tiny_models
 import torch
 
 comfy_harness.import_comfyui()  # skips this module, saying why, without COMFYUI_DIR

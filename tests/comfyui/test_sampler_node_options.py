@@ -5,7 +5,7 @@ Needs a ComfyUI checkout (COMFYUI_DIR) and skips, saying so, without one. Fixtur
 
 from __future__ import annotations
 
-import comfy_harness
+from support import comfy_harness
 import pytest
 import torch
 
