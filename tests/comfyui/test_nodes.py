@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from support import comfy_harness
+from support.comfy_harness import picture
 import pytest
 from support import tiny_models
 import torch
@@ -37,42 +38,6 @@ pytestmark = pytest.mark.comfyui
 
 OUR_NODE_IDS = {"IP2PModelLoader", "IP2PInstruction", "IP2PSampler", "IP2PSeedPlan", "IP2PImageGrid"}
 TINY = "tiny-ip2p.safetensors"
-
-
-@pytest.fixture
-def comfy_env(tmp_path, monkeypatch):
-    """ComfyUI's model folders pointed at empty temp folders, and the pack set up as ComfyUI sets it up.
-
-    Restores folder_paths, the shared cache and its residency afterwards, so tests do not leak into others.
-    """
-    models = tmp_path / "models"
-    dirs = {name: models / name for name in ("instructpix2pix", "checkpoints", "diffusers")}
-    for d in dirs.values():
-        d.mkdir(parents=True)
-    monkeypatch.setattr(folder_paths, "models_dir", str(models))
-    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "checkpoints",
-                        ([str(dirs["checkpoints"])], folder_paths.supported_pt_extensions))
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusers", ([str(dirs["diffusers"])], ["folder"]))
-    monkeypatch.delitem(folder_paths.folder_names_and_paths, model_paths.IP2P_FOLDER, raising=False)
-    previous_residency = MODEL_CACHE.residency
-    MODEL_CACHE.clear()
-    extension.setup()
-    yield dirs
-    MODEL_CACHE.clear()
-    MODEL_CACHE.residency = previous_residency
-    mm.interrupt_current_processing(False)
-
-
-@pytest.fixture
-def tiny(comfy_env, tiny_single_file):
-    """The tiny IP2P model as a single file in models/instructpix2pix; returns its loaded IP2P_MODEL."""
-    comfy_harness.copy_into(tiny_single_file, comfy_env["instructpix2pix"], TINY)
-    return IP2PModelLoader.execute(TINY, "", "fp32")[0]
-
-
-def picture(h=37, w=53, c=3, batch=1, seed=0):
-    return torch.rand(batch, h, w, c, generator=torch.Generator().manual_seed(seed))
 
 
 def run(model, image, instruction="make it look like winter", seed=5, steps=2, s_t=7.5, s_i=1.5, plan=None):

@@ -90,6 +90,13 @@ def import_comfyui() -> Path:
     return root
 
 
+def picture(h=37, w=53, c=3, batch=1, seed=0):
+    """A random ComfyUI IMAGE (batch, height, width, channels; values 0..1), the same for the same seed."""
+    import torch
+
+    return torch.rand(batch, h, w, c, generator=torch.Generator().manual_seed(seed))
+
+
 def link_pack(custom_nodes: Path, name: str = PACK_FOLDER_NAME) -> Path:
     """The pack under ``custom_nodes/<name>``, as a user's clone would be (a symlink to this repository)."""
     custom_nodes.mkdir(parents=True, exist_ok=True)
