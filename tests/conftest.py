@@ -18,7 +18,9 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
 def pytest_collection_modifyitems(items):
-    """Core first, the browser last: a failure in a cheap tier shows before the slow ones start."""
+    """Core first, the browser last: a failure in a cheap tier shows before the slow ones start, and the
+    ComfyUI server that the comfyui and browser tiers' workflow tests share (``support.fixtures``) is up only
+    from the last comfyui module to the end."""
     here = Path(__file__).parent
 
     def tier(item) -> int:
