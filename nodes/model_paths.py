@@ -5,9 +5,9 @@ Choices come from three ComfyUI model folders: ``instructpix2pix`` (registered b
 inside ComfyUI they get ComfyUI's own bundled SD1 tokenizer, so an SD1.5 IP2P ``.safetensors`` loads with no
 network at all.
 
-The pack's embedded toy model (:mod:`pipeline_core.models.assets`, 32 x 32 pictures of coloured shapes) is always the last
-choice: a user's own models come first, so a new loader node defaults to one of them, and with no model at all
-the toy model is the default, so the node and the ``toy_demo`` workflow run without any download.
+The pack's embedded toy model (:mod:`pipeline_core.models.assets`, 32 x 32 pictures of coloured shapes) is always
+the last choice: a user's own models come first, so a new loader node defaults to one of them, and with no model
+at all the toy model is the default, so the node and the ``toy_demo`` workflow run without any download.
 """
 
 from __future__ import annotations

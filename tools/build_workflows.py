@@ -29,12 +29,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the test support package, tests/support, is shared with the tests
 
-from support import browser_harness, comfy_harness, model_files, workflow_format  # noqa: E402
 from ip2p_nodes.pipeline_core.training.toy import (  # noqa: E402
     SAMPLE_IMAGE_NAME,
     SAMPLE_INSTRUCTION,
     TOY_MODEL_CHOICE,
 )
+from support import browser_harness, comfy_harness, model_files, workflow_format  # noqa: E402
 
 log = logging.getLogger("build_workflows")
 

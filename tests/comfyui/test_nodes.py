@@ -13,17 +13,18 @@ import socket
 import sys
 from pathlib import Path
 
-from support import comfy_harness
-from support.comfy_harness import picture
 import pytest
-from support import tiny_models
 import torch
+
+from support import comfy_harness, tiny_models
+from support.comfy_harness import picture
 
 comfy_harness.import_comfyui()  # skips this module, saying why, without COMFYUI_DIR
 
 import comfy.model_management as mm  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
+
 from ip2p_nodes.nodes import extension, memory, model_paths  # noqa: E402
 from ip2p_nodes.nodes.instruction import IP2PInstruction  # noqa: E402
 from ip2p_nodes.nodes.loader import IP2PModelLoader  # noqa: E402
@@ -99,8 +100,8 @@ def test_loader_refuses_a_4_channel_checkpoint_naming_the_file(comfy_env):
 
 
 def test_with_no_model_of_their_own_the_loader_offers_the_toy_model_and_it_edits_the_sample(comfy_env):
-    from ip2p_nodes.pipeline_core.training.evaluation import rule_check
     from ip2p_nodes.pipeline_core.editing.images import load_image
+    from ip2p_nodes.pipeline_core.training.evaluation import rule_check
     from ip2p_nodes.pipeline_core.training.toy import SAMPLE_INSTRUCTION, sample_image_path, sample_triplet
 
     options = IP2PModelLoader.GET_SCHEMA().inputs[0].options

@@ -5,9 +5,10 @@ Needs a ComfyUI checkout (COMFYUI_DIR) and skips, saying so, without one. Fixtur
 
 from __future__ import annotations
 
-from support import comfy_harness
 import pytest
 import torch
+
+from support import comfy_harness
 
 comfy_harness.import_comfyui()  # skips this module, saying why, without COMFYUI_DIR
 

@@ -5,11 +5,10 @@ import logging
 import pytest
 import torch
 
-from ip2p_nodes.pipeline_core import SeedPlan, edit, encode_instruction, make_plan
-from ip2p_nodes.pipeline_core.errors import InputError
+from ip2p_nodes.pipeline_core import SeedPlan, edit, encode_images, encode_instruction, make_plan
 from ip2p_nodes.pipeline_core.editing.masks import feather, padded_box, prepare_masks
 from ip2p_nodes.pipeline_core.editing.resolution import working_size
-from ip2p_nodes.pipeline_core import encode_images
+from ip2p_nodes.pipeline_core.errors import InputError
 
 
 def _img(h=48, w=64, b=1, seed=5):

@@ -61,10 +61,10 @@ def _materialize_random(module: torch.nn.Module, generator: torch.Generator) -> 
 def write_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
     """A full-size SD1.5 text-to-image checkpoint (LDM layout, fp16) that ComfyUI loads as SD1.5."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from ip2p_nodes.pipeline_core.models.ldm_format import to_ldm_state_dict
-    from safetensors.torch import save_file
 
     generator = torch.Generator().manual_seed(seed)
     unet_config = dict(_config("unet"), in_channels=4)
