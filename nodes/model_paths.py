@@ -5,9 +5,9 @@ Choices come from three ComfyUI model folders: ``instructpix2pix`` (registered b
 inside ComfyUI they get ComfyUI's own bundled SD1 tokenizer, so an SD1.5 IP2P ``.safetensors`` loads with no
 network at all.
 
-The pack's embedded toy model (:mod:`pipeline_core.models.assets`, 32 x 32 pictures of coloured shapes) is always the last
-choice: a user's own models come first, so a new loader node defaults to one of them, and with no model at all
-the toy model is the default, so the node and the "Toy demo, no download" workflow run without any download.
+The pack's embedded toy model (:mod:`pipeline_core.models.assets`, 32 x 32 pictures of coloured shapes) is always
+the last choice: a user's own models come first, so a new loader node defaults to one of them, and with no model
+at all the toy model is the default, so the node and the "Toy demo, no download" workflow run without any download.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def register_model_folder() -> str:
 def provide_toy_sample() -> Path | None:
     """Put the toy demo's input picture into ComfyUI's input folder, once, never over a user's file.
 
-    workflows/"Toy demo, no download.json" loads it by name, so the example runs as shipped on a fresh ComfyUI, as core's
-    templates do with the bundled example.png.
+    workflows/"Toy demo, no download.json" loads it by name, so the example runs as shipped on a fresh ComfyUI, as
+    core's templates do with the bundled example.png.
     """
     import shutil
 

@@ -180,8 +180,8 @@ class IP2PSampler(io.ComfyNode):
                 io.Latent.Output(
                     display_name="latent",
                     tooltip=(
-                        "The result as a ComfyUI LATENT (the model's VAE space: SD1.5 or SDXL) at the working resolution, before the "
-                        "mask blend, e.g. for VAEDecode or a second pass; with crop_to_mask, the final picture "
+                        "The result as a ComfyUI LATENT (the model's VAE space: SD1.5 or SDXL) at the working "
+                        "resolution, before the mask blend, e.g. for VAEDecode or a second pass; with crop_to_mask, the final picture "
                         "encoded at the whole picture's working resolution."
                     ),
                 ),

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("instruction", help='what to change, e.g. "make it winter"')
     e.add_argument("-o", "--output", required=True, help="output file; with --count N, _0, _1, ... are appended")
     e.add_argument("--model", required=True,
-                   help="diffusers folder, single-file checkpoint (.safetensors/.ckpt), or a Hub id (downloads only then)")
+                   help="diffusers folder, single-file checkpoint (.safetensors/.ckpt), "
+                        "or a Hub id (downloads only then)")
     e.add_argument("--negative", default="", help="negative prompt (default empty, as in the paper)")
     e.add_argument("--text-guidance", type=float, default=7.5, help="how hard to follow the instruction (5-10)")
     e.add_argument("--image-guidance", type=float, default=1.5, help="how close to stay to the input (1-2)")

@@ -39,8 +39,8 @@ class DemoResult:
 
 
 def run_demo(out_path: str | Path, instruction: str = SAMPLE_INSTRUCTION, image: str | Path | None = None,
-             seed: int = 0, steps: int = 20, text_guidance: float = TOY_TEXT_GUIDANCE, image_guidance: float = TOY_IMAGE_GUIDANCE,
-             scale: int = 8, cache: ModelCache | None = None) -> DemoResult:
+             seed: int = 0, steps: int = 20, text_guidance: float = TOY_TEXT_GUIDANCE,
+             image_guidance: float = TOY_IMAGE_GUIDANCE, scale: int = 8, cache: ModelCache | None = None) -> DemoResult:
     """Edit the sample picture (or ``image``) with the toy model; write ``input | edit`` enlarged ``scale`` times.
 
     The toy model works on 32 x 32 pictures, so the result is enlarged with nearest-neighbour sampling (every

@@ -5,15 +5,15 @@ through the app's own LiteGraph API, as a user's clicks would) and saved with th
 every ``.json`` is exactly what the frontend writes (UI format 0.4). The pictures the Load Image nodes name
 (ComfyUI's ``example.png``, the pack's toy sample) are in the server's input folder, and the layout is made
 once the app shows their previews, so a user opening a file sees it as saved; a layout in which nodes overlap
-or straddle a group is refused (``tests/workflow_layout.py``).
+or straddle a group is refused (``tests/support/workflow_layout.py``).
 
-The file names are the titles ComfyUI's Templates browser shows (``tests/example_workflows.py``). The
+The file names are the titles ComfyUI's Templates browser shows (``tests/support/example_workflows.py``). The
 ``.jpg`` of the same name is the browser's thumbnail: a result picture where the workflow can make a real one
 here (the toy demo, run on the server with the pack's embedded model), else a screenshot of the graph.
 
 Needs ``COMFYUI_DIR`` (a ComfyUI checkout), Debian's ``chromium`` and the ``playwright`` package; it downloads
-nothing. The model files the widgets name are written with random weights by ``tests/model_files.py`` so the
-dropdowns hold them, as they would on a user's machine::
+nothing. The model files the widgets name are written with random weights by ``tests/support/model_files.py``
+so the dropdowns hold them, as they would on a user's machine::
 
     COMFYUI_DIR=/opt/comfy/ComfyUI python tools/build_workflows.py            # all
     COMFYUI_DIR=/opt/comfy/ComfyUI python tools/build_workflows.py basic_edit # some, by key
@@ -34,18 +34,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests"))  # the test support package, tests/support, is shared with the tests
 
-import browser_harness  # noqa: E402
-import comfy_harness  # noqa: E402
-import example_workflows  # noqa: E402
-import model_files  # noqa: E402
-import workflow_format  # noqa: E402
-import workflow_layout  # noqa: E402
 from ip2p_nodes.pipeline_core.models.assets import (  # noqa: E402
     SAMPLE_IMAGE_NAME,
     SAMPLE_INSTRUCTION,
     TOY_MODEL_CHOICE,
+)
+from support import (  # noqa: E402
+    browser_harness,
+    comfy_harness,
+    example_workflows,
+    model_files,
+    workflow_format,
+    workflow_layout,
 )
 
 log = logging.getLogger("build_workflows")

@@ -256,7 +256,8 @@ def edit(
     regions = make_regions(model, images, masks, settings)
     largest = max((r.size.latent[0] * r.size.latent[1] for r in regions), default=0)
     passes = max(len(guidance.required_passes(s_t, s_i)) for s_t, s_i in guidances)
-    model.ensure_loaded("unet", "vae", memory_required=unet_activation_bytes(model, largest, passes * settings.max_batch))
+    model.ensure_loaded("unet", "vae",
+                        memory_required=unet_activation_bytes(model, largest, passes * settings.max_batch))
     image_latents = [encode_images(model, r.low)[0] for r in regions]
     jobs, batches = plan_batches(regions, [tuple(z.shape) for z in image_latents], guidances, settings.max_batch)
 

@@ -58,7 +58,8 @@ def check_seed(seed: int) -> int:
     return seed
 
 
-def parse_values(text: str, name: str, low: float = limits.TEXT_GUIDANCE.low, high: float = limits.TEXT_GUIDANCE.high) -> tuple[float, ...]:
+def parse_values(text: str, name: str, low: float = limits.TEXT_GUIDANCE.low,
+                 high: float = limits.TEXT_GUIDANCE.high) -> tuple[float, ...]:
     """'5, 7.5, 10' -> (5.0, 7.5, 10.0); empty text -> () meaning 'use the sampler's value'."""
     values = []
     for part in text.replace(";", ",").replace("\n", ",").split(","):
@@ -68,7 +69,9 @@ def parse_values(text: str, name: str, low: float = limits.TEXT_GUIDANCE.low, hi
         try:
             v = float(part)
         except ValueError:
-            raise InputError(f"{name}: {part!r} is not a number; write values separated by commas, e.g. 5, 7.5, 10") from None
+            raise InputError(
+                f"{name}: {part!r} is not a number; write values separated by commas, e.g. 5, 7.5, 10"
+            ) from None
         if not low <= v <= high:
             raise InputError(f"{name}: {v:g} is outside the useful range {low:g}..{high:g}")
         values.append(v)
@@ -101,7 +104,9 @@ def make_plan(
         for s, t, i in itertools.product(seeds, text_guidances or (None,), image_guidances or (None,))
     ]
     if len(items) > MAX_PLAN_ITEMS:
-        raise InputError(f"the plan has {len(items)} items (seeds x text values x image values); the limit is {MAX_PLAN_ITEMS}")
+        raise InputError(
+            f"the plan has {len(items)} items (seeds x text values x image values); the limit is {MAX_PLAN_ITEMS}"
+        )
     return SeedPlan(tuple(items))
 
 

@@ -96,7 +96,8 @@ class CachedModel:
 Loader = Callable[[ModelSource, Precision, torch.device, torch.device], IP2PComponents]
 
 
-def _default_loader(source: ModelSource, precision: Precision, device: torch.device, place: torch.device) -> IP2PComponents:
+def _default_loader(source: ModelSource, precision: Precision, device: torch.device,
+                    place: torch.device) -> IP2PComponents:
     components = load_components(source, precision, place)
     components.device = device
     return components

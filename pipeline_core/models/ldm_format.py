@@ -75,7 +75,8 @@ def unet_key_to_ldm(key: str, config: dict[str, Any]) -> str:
         block, kind = int(parts[1]), parts[2]
         if kind == "upsamplers":
             has_attention = "CrossAttn" in config["up_block_types"][block]
-            return f"output_blocks.{block * stride + stride - 1}.{2 if has_attention else 1}.conv." + ".".join(parts[5:])
+            conv = 2 if has_attention else 1
+            return f"output_blocks.{block * stride + stride - 1}.{conv}.conv." + ".".join(parts[5:])
         layer, rest = int(parts[3]), ".".join(parts[4:])
         index = block * stride + layer
         if kind == "resnets":

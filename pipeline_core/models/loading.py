@@ -17,6 +17,7 @@ import torch
 from ..errors import ModelLoadError
 from . import families, ldm_format
 from .components import IP2PComponents
+
 # CONFIG_DIR, ENV_TOKENIZER_DIR and find_tokenizer_dir are part of this module's interface (the nodes and
 # scripts use them); they live with the families, which read them.
 from .families.base import CONFIG_DIR, ENV_TOKENIZER_DIR, find_tokenizer_dir, read_json  # noqa: F401
@@ -95,7 +96,8 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     return obj, None
 
 
-def load_diffusers_folder(path: Path, precision: Precision, device: torch.device, source: ModelSource) -> IP2PComponents:
+def load_diffusers_folder(path: Path, precision: Precision, device: torch.device,
+                          source: ModelSource) -> IP2PComponents:
     index = read_json(path / "model_index.json")
     unet_config = read_json(path / "unet" / "config.json")
     check_unet_channels(int(unet_config.get("in_channels", 4)), f"{path.name}/unet")
@@ -135,7 +137,8 @@ def download_hub_model(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:
         raise ModelLoadError(
-            f"{repo_id}: could not be downloaded ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}). Offline? Copy the model "
+            f"{repo_id}: could not be downloaded ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}). "
+            "Offline? Copy the model "
             "folder (with model_index.json) into ComfyUI/models/diffusers/, or the single-file checkpoint into "
             "ComfyUI/models/instructpix2pix/, and pick it in the loader instead of typing an id"
         ) from exc

@@ -34,7 +34,7 @@ from ..models.assets import (  # noqa: F401  (re-exported: the recipe's names fo
 )
 from ..models.families.base import CONFIG_DIR
 from . import synthetic
-from .byte_tokenizer import byte_symbols, write_byte_level_tokenizer
+from .byte_tokenizer import write_byte_level_tokenizer
 from .trainer import (
     CHECKPOINT_NAME,
     LatentDataset,

@@ -32,15 +32,12 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-import browser_harness
-import comfy_harness
-import example_workflows
-import model_files
-import workflow_format as wf
 from ip2p_nodes.pipeline_core.training.evaluation import rule_check
 from ip2p_nodes.pipeline_core.training.toy import SAMPLE_IMAGE_NAME, TOY_MODEL_CHOICE, sample_image_path, sample_triplet
+from support import browser_harness, comfy_harness, example_workflows, model_files
+from support import workflow_format as wf
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WORKFLOW_DIR = example_workflows.WORKFLOW_DIR
 ARTIFACT_DIR = Path(os.environ.get("IP2P_ARTIFACTS", REPO / "artifacts")) / "workflows"
 PACK_ID = "ip2p-nodes"

@@ -17,14 +17,11 @@ from pathlib import Path
 
 import pytest
 
-import browser_harness
-import comfy_harness
-import example_workflows
-import workflow_format as wf
-import workflow_layout
 from ip2p_nodes.pipeline_core.models.assets import SAMPLE_IMAGE_NAME
+from support import browser_harness, comfy_harness, example_workflows, workflow_layout
+from support import workflow_format as wf
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ARTIFACT_DIR = Path(os.environ.get("IP2P_ARTIFACTS", REPO / "artifacts")) / "workflows" / "layout"
 WORKFLOWS = example_workflows.KEYS
 # What the app's missing-models dialog writes instead of a download button when it refuses one.

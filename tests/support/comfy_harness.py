@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 COMFYUI_ENV = "COMFYUI_DIR"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PACK_FOLDER_NAME = "ip2p-nodes-under-test"  # a name the pack cannot import itself by: relative imports only
 SKIP_REASON = f"needs a ComfyUI checkout: set {COMFYUI_ENV} (e.g. {COMFYUI_ENV}=/opt/comfy/ComfyUI)"
 
@@ -88,6 +88,13 @@ def import_comfyui() -> Path:
 
         folder_paths.set_input_directory(tempfile.mkdtemp(prefix="ip2p-comfy-input-"))
     return root
+
+
+def picture(h=37, w=53, c=3, batch=1, seed=0):
+    """A random ComfyUI IMAGE (batch, height, width, channels; values 0..1), the same for the same seed."""
+    import torch
+
+    return torch.rand(batch, h, w, c, generator=torch.Generator().manual_seed(seed))
 
 
 def link_pack(custom_nodes: Path, name: str = PACK_FOLDER_NAME) -> Path:

@@ -13,16 +13,18 @@ import socket
 import sys
 from pathlib import Path
 
-import comfy_harness
 import pytest
-import tiny_models
 import torch
+
+from support import comfy_harness, tiny_models
+from support.comfy_harness import picture
 
 comfy_harness.import_comfyui()  # skips this module, saying why, without COMFYUI_DIR
 
 import comfy.model_management as mm  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
+
 from ip2p_nodes.nodes import extension, memory, model_paths  # noqa: E402
 from ip2p_nodes.nodes.instruction import IP2PInstruction  # noqa: E402
 from ip2p_nodes.nodes.loader import IP2PModelLoader  # noqa: E402
@@ -37,42 +39,6 @@ pytestmark = pytest.mark.comfyui
 
 OUR_NODE_IDS = {"IP2PModelLoader", "IP2PInstruction", "IP2PSampler", "IP2PSeedPlan", "IP2PImageGrid"}
 TINY = "tiny-ip2p.safetensors"
-
-
-@pytest.fixture
-def comfy_env(tmp_path, monkeypatch):
-    """ComfyUI's model folders pointed at empty temp folders, and the pack set up as ComfyUI sets it up.
-
-    Restores folder_paths, the shared cache and its residency afterwards, so tests do not leak into others.
-    """
-    models = tmp_path / "models"
-    dirs = {name: models / name for name in ("instructpix2pix", "checkpoints", "diffusers")}
-    for d in dirs.values():
-        d.mkdir(parents=True)
-    monkeypatch.setattr(folder_paths, "models_dir", str(models))
-    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "checkpoints",
-                        ([str(dirs["checkpoints"])], folder_paths.supported_pt_extensions))
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusers", ([str(dirs["diffusers"])], ["folder"]))
-    monkeypatch.delitem(folder_paths.folder_names_and_paths, model_paths.IP2P_FOLDER, raising=False)
-    previous_residency = MODEL_CACHE.residency
-    MODEL_CACHE.clear()
-    extension.setup()
-    yield dirs
-    MODEL_CACHE.clear()
-    MODEL_CACHE.residency = previous_residency
-    mm.interrupt_current_processing(False)
-
-
-@pytest.fixture
-def tiny(comfy_env, tiny_single_file):
-    """The tiny IP2P model as a single file in models/instructpix2pix; returns its loaded IP2P_MODEL."""
-    comfy_harness.copy_into(tiny_single_file, comfy_env["instructpix2pix"], TINY)
-    return IP2PModelLoader.execute(TINY, "", "fp32")[0]
-
-
-def picture(h=37, w=53, c=3, batch=1, seed=0):
-    return torch.rand(batch, h, w, c, generator=torch.Generator().manual_seed(seed))
 
 
 def run(model, image, instruction="make it look like winter", seed=5, steps=2, s_t=7.5, s_i=1.5, plan=None):
@@ -134,8 +100,8 @@ def test_loader_refuses_a_4_channel_checkpoint_naming_the_file(comfy_env):
 
 
 def test_with_no_model_of_their_own_the_loader_offers_the_toy_model_and_it_edits_the_sample(comfy_env):
-    from ip2p_nodes.pipeline_core.training.evaluation import rule_check
     from ip2p_nodes.pipeline_core.editing.images import load_image
+    from ip2p_nodes.pipeline_core.training.evaluation import rule_check
     from ip2p_nodes.pipeline_core.training.toy import SAMPLE_INSTRUCTION, sample_image_path, sample_triplet
 
     options = IP2PModelLoader.GET_SCHEMA().inputs[0].options

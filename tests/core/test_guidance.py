@@ -1,4 +1,5 @@
-"""The dual-guidance formula, written once in pipeline_core.editing.guidance, is the paper's, and skipping passes is free."""
+"""The dual-guidance formula, written once in pipeline_core.editing.guidance, is the paper's, and skipping passes is
+free."""
 
 import pytest
 import torch

@@ -9,19 +9,20 @@ import socket
 from pathlib import Path
 
 import pytest
-import tiny_sdxl
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 from ip2p_nodes.pipeline_core import ModelSource, SeedPlan, edit, encode_instruction
 from ip2p_nodes.pipeline_core.editing.resolution import working_size
 from ip2p_nodes.pipeline_core.errors import InputError, ModelLoadError
 from ip2p_nodes.pipeline_core.models import families, ldm_sdxl
 from ip2p_nodes.pipeline_core.models.loading import load_components, save_single_file
 from ip2p_nodes.pipeline_core.models.precision import resolve_precision
-from safetensors import safe_open
-from safetensors.torch import save_file
+from support import tiny_sdxl
 
 FP32 = resolve_precision("fp32", "cpu")
-CONFIGS = Path(__file__).parents[1] / "pipeline_core" / "models" / "configs"
+CONFIGS = Path(__file__).parents[2] / "pipeline_core" / "models" / "configs"
 
 
 @pytest.fixture

@@ -22,10 +22,11 @@ import logging
 import math
 
 import pytest
-import tiny_sdxl
 import torch
 from diffusers import EDMEulerScheduler
+
 from ip2p_nodes.pipeline_core import SeedPlan, edit, encode_instruction
+from support import tiny_sdxl
 
 log = logging.getLogger(__name__)
 

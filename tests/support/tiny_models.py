@@ -13,9 +13,10 @@ import torch
 from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ip2p_nodes.pipeline_core.models.loading import CONFIG_DIR
 from ip2p_nodes.pipeline_core.training.byte_tokenizer import byte_level_vocab, write_byte_level_tokenizer
 
-SCHEDULER_CONFIG = json.loads((Path(__file__).parents[1] / "pipeline_core/models/configs/sd15/scheduler.json").read_text())
+SCHEDULER_CONFIG = json.loads((CONFIG_DIR / "sd15" / "scheduler.json").read_text())
 
 
 def write_tokenizer(directory: Path) -> CLIPTokenizer:

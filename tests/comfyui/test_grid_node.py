@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import comfy_harness
 import pytest
 import torch
+
+from support import comfy_harness
 
 comfy_harness.import_comfyui()  # skips this module, saying why, without COMFYUI_DIR
 

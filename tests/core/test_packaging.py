@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACK_DIRS = [ROOT / "pipeline_core", ROOT / "nodes"]
-COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "server", "nodes", "execution"}
+COMFY_MODULES = {
+    "comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "server", "nodes", "execution",
+}
 
 
 def _imports(path: Path):
@@ -74,7 +76,8 @@ def test_pyproject_has_registry_metadata():
 
 def test_requirements_leave_torch_numpy_pillow_to_comfyui():
     reqs = [line.split(">=")[0].split("==")[0].strip().lower()
-            for line in (ROOT / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith("#")]
+            for line in (ROOT / "requirements.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
     assert reqs and not {"torch", "numpy", "pillow"} & set(reqs)
 
 
@@ -93,6 +96,7 @@ def test_shipped_configs_are_package_data():
 
 @pytest.mark.skipif(not Path(sys.prefix, "bin", "comfy").exists(), reason="comfy-cli not installed in this environment")
 def test_comfy_node_validate_passes():
-    out = subprocess.run([str(Path(sys.prefix, "bin", "comfy")), "--skip-prompt", "--no-enable-telemetry", "node", "validate"],
+    comfy = str(Path(sys.prefix, "bin", "comfy"))
+    out = subprocess.run([comfy, "--skip-prompt", "--no-enable-telemetry", "node", "validate"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -6,12 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-import tiny_sdxl
 import torch
-from ip2p_nodes.pipeline_core.models import ldm_format, ldm_sdxl
 from safetensors.torch import load_file, save_file
 
-CONFIGS = Path(__file__).parents[1] / "pipeline_core" / "models" / "configs"
+from ip2p_nodes.pipeline_core.models import ldm_format, ldm_sdxl
+from support import tiny_sdxl
+
+CONFIGS = Path(__file__).parents[2] / "pipeline_core" / "models" / "configs"
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from ip2p_nodes.pipeline_core import SeedPlan, edit, encode_instruction, make_plan
-from ip2p_nodes.pipeline_core.errors import InputError
-from ip2p_nodes.pipeline_core import encode_images
+from ip2p_nodes.pipeline_core import SeedPlan, edit, encode_images, encode_instruction, make_plan
 from ip2p_nodes.pipeline_core.editing.sampling import strength_steps
+from ip2p_nodes.pipeline_core.errors import InputError
 from ip2p_nodes.pipeline_core.models.families import FAMILIES
 
 

@@ -34,7 +34,8 @@ def test_cli_count_writes_one_file_per_seed(tmp_path, photo, tiny_folder):
 
 
 def test_cli_reports_a_wrong_model_as_an_error_not_a_traceback(tmp_path, photo, caplog):
-    rc = cli.main(["edit", str(photo), "x", "-o", str(tmp_path / "o.png"), "--model", str(tmp_path / "missing.safetensors")])
+    rc = cli.main(["edit", str(photo), "x", "-o", str(tmp_path / "o.png"),
+                   "--model", str(tmp_path / "missing.safetensors")])
     assert rc == 2
     assert "no such file or folder" in caplog.text
 

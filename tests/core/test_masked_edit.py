@@ -5,11 +5,10 @@ import logging
 import pytest
 import torch
 
-from ip2p_nodes.pipeline_core import SeedPlan, edit, encode_instruction, make_plan
-from ip2p_nodes.pipeline_core.errors import InputError
+from ip2p_nodes.pipeline_core import SeedPlan, edit, encode_images, encode_instruction, make_plan
 from ip2p_nodes.pipeline_core.editing.masks import feather, padded_box, prepare_masks
 from ip2p_nodes.pipeline_core.editing.resolution import working_size
-from ip2p_nodes.pipeline_core import encode_images
+from ip2p_nodes.pipeline_core.errors import InputError
 
 
 def _img(h=48, w=64, b=1, seed=5):
@@ -149,14 +148,16 @@ def test_unusable_masks_get_a_clear_error(fp32_model, cond, mask, match):
         edit(fp32_model, cond, _img(), SeedPlan.single(1), steps=1, mask=mask)
 
 
-def test_crop_to_mask_changes_nothing_outside_the_crop_and_edits_the_crop_at_working_resolution(family_model, family_cond):
+def test_crop_to_mask_changes_nothing_outside_the_crop_and_edits_the_crop_at_working_resolution(
+    family_model, family_cond
+):
     img = _img(96, 128)
     mask = _box_mask(96, 128, top=40, left=60, bottom=56, right=76)
     box = padded_box(mask[0], padding=8)
     top, left, bottom, right = box
     assert box == (32, 52, 64, 84)
-    out = edit(family_model, family_cond, img, SeedPlan.single(4), steps=2, mask=mask, crop_to_mask=True, crop_padding=8,
-               working_resolution=64)
+    out = edit(family_model, family_cond, img, SeedPlan.single(4), steps=2, mask=mask, crop_to_mask=True,
+               crop_padding=8, working_resolution=64)
     outside_crop = torch.ones(96, 128, dtype=torch.bool)
     outside_crop[top:bottom, left:right] = False
     assert torch.equal(out.images[0][outside_crop], img[0][outside_crop])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-WORKFLOW_DIR = Path(__file__).resolve().parents[1] / "workflows"
+WORKFLOW_DIR = Path(__file__).resolve().parents[2] / "workflows"
 
 TITLES = {
     "basic_edit": "Basic instruction edit",

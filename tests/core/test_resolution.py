@@ -7,8 +7,8 @@ import torch
 
 from ip2p_nodes.pipeline_core import SeedPlan, edit, encode_instruction
 from ip2p_nodes.pipeline_core.editing import resolution
-from ip2p_nodes.pipeline_core.errors import InputError
 from ip2p_nodes.pipeline_core.editing.resolution import working_size
+from ip2p_nodes.pipeline_core.errors import InputError
 
 
 def _img(h, w, b=1, seed=5):

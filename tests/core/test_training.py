@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-import tiny_models
 
 from ip2p_nodes.pipeline_core import ModelCache, ModelSource
 from ip2p_nodes.pipeline_core.errors import InputError
@@ -21,6 +20,7 @@ from ip2p_nodes.pipeline_core.training.trainer import (
     save_model,
     synthetic_records,
 )
+from support import tiny_models
 
 
 def _parts(tmp_path):

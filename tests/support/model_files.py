@@ -27,14 +27,14 @@ from pathlib import Path
 
 import torch
 
-import tiny_models
+from . import tiny_models
 
 SD15_NAME = "v1-5-pruned-emaonly-fp16.safetensors"
 CONTROLNET_NAME = "control_v11p_sd15_canny_fp16.safetensors"
 IP2P_NAME = "instruct-pix2pix-00-22000.safetensors"
 COSXL_NAME = "cosxl_edit.safetensors"
 
-CONFIG_DIR = Path(__file__).parents[1] / "pipeline_core" / "models" / "configs" / "sd15"
+CONFIG_DIR = Path(__file__).parents[2] / "pipeline_core" / "models" / "configs" / "sd15"
 
 
 def _config(name: str) -> dict:
@@ -64,10 +64,10 @@ def _materialize_random(module: torch.nn.Module, generator: torch.Generator) -> 
 def write_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
     """A full-size SD1.5 text-to-image checkpoint (LDM layout, fp16) that ComfyUI loads as SD1.5."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from ip2p_nodes.pipeline_core.models.ldm_format import to_ldm_state_dict
-    from safetensors.torch import save_file
 
     generator = torch.Generator().manual_seed(seed)
     unet_config = dict(_config("unet"), in_channels=4)

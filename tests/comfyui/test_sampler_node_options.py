@@ -1,22 +1,21 @@
 """The sampler node's mask, denoise, feather, crop_to_mask and working_resolution inputs, called as ComfyUI calls them.
 
-Needs a ComfyUI checkout (COMFYUI_DIR) and skips, saying so, without one. Fixtures come from test_nodes.
+Needs a ComfyUI checkout (COMFYUI_DIR) and skips, saying so, without one. Fixtures come from this tier's conftest.
 """
 
 from __future__ import annotations
 
-import comfy_harness
 import pytest
 import torch
+
+from support import comfy_harness
 
 comfy_harness.import_comfyui()  # skips this module, saying why, without COMFYUI_DIR
 
 from ip2p_nodes.nodes.instruction import IP2PInstruction  # noqa: E402
 from ip2p_nodes.nodes.sampler import IP2PSampler  # noqa: E402
 from ip2p_nodes.pipeline_core.errors import InputError  # noqa: E402
-import test_nodes  # noqa: E402
-
-comfy_env, tiny, picture = test_nodes.comfy_env, test_nodes.tiny, test_nodes.picture  # its fixtures, shared
+from support.comfy_harness import picture  # noqa: E402
 
 EXISTING = ["model", "conditioning", "image", "seed", "steps", "text_guidance", "image_guidance", "scheduler", "plan"]
 ADDED = ["mask", "denoise", "feather", "crop_to_mask", "working_resolution"]

@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from ip2p_nodes.pipeline_core.training.byte_tokenizer import byte_level_vocab, write_byte_level_tokenizer
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-_CONFIGS = Path(__file__).parents[1] / "pipeline_core" / "models" / "configs"
+from ip2p_nodes.pipeline_core.training.byte_tokenizer import byte_level_vocab, write_byte_level_tokenizer
+
+_CONFIGS = Path(__file__).parents[2] / "pipeline_core" / "models" / "configs"
 SDXL_SCHEDULER_CONFIG = json.loads((_CONFIGS / "sdxl" / "scheduler.json").read_text())
 COSXL_SCHEDULER_CONFIG = json.loads((_CONFIGS / "cosxl" / "scheduler.json").read_text())
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import comfy_harness
 import pytest
 import torch
+
+from support import comfy_harness
 
 comfy_harness.import_comfyui()  # skips this module, saying why, without COMFYUI_DIR
 
@@ -19,9 +20,10 @@ import comfy.model_base  # noqa: E402
 import comfy.model_detection  # noqa: E402
 import comfy.sdxl_clip  # noqa: E402
 import comfy.utils  # noqa: E402
+
 from ip2p_nodes.pipeline_core.models import ldm_sdxl  # noqa: E402
 
-CONFIGS = Path(__file__).parents[1] / "pipeline_core" / "models" / "configs"
+CONFIGS = Path(__file__).parents[2] / "pipeline_core" / "models" / "configs"
 
 
 def _real_size_state(family: str):
