@@ -36,8 +36,9 @@ class IP2PModelLoader(io.ComfyNode):
                         "InstructPix2Pix-family model (8-channel UNet: instruct-pix2pix-00-22000.safetensors, a "
                         "MagicBrush fine-tune, sdxl-instructpix2pix-768, cosxl_edit.safetensors); a plain SD/SDXL "
                         "checkpoint is refused because it would ignore the picture. Press R after adding files. "
-                        "The last entry, toy-ip2p, is a tiny demo model shipped with the pack: it only knows 32x32 pictures of coloured shapes and instructions "
-                        "like 'make the circle red' (best at text guidance 3, image guidance 1.5); try it with "
+                        "The last entry, toy-ip2p, is a tiny demo model shipped with the pack: it only knows "
+                        "32x32 pictures of coloured shapes and instructions like 'make the circle red' (best at "
+                        "text guidance 3, image guidance 1.5); try it with "
                         "the 'Toy demo, no download' workflow template."
                     ),
                 ),

@@ -181,8 +181,8 @@ class IP2PSampler(io.ComfyNode):
                     display_name="latent",
                     tooltip=(
                         "The result as a ComfyUI LATENT (the model's VAE space: SD1.5 or SDXL) at the working "
-                        "resolution, before the mask blend, e.g. for VAEDecode or a second pass; with crop_to_mask, the final picture "
-                        "encoded at the whole picture's working resolution."
+                        "resolution, before the mask blend, e.g. for VAEDecode or a second pass; with "
+                        "crop_to_mask, the final picture encoded at the whole picture's working resolution."
                     ),
                 ),
                 io.String.Output(
