@@ -231,6 +231,16 @@ def test_odd_size_rgba_and_grey_pictures_come_out_at_the_input_size(tiny):
     assert torch.equal(out, run(tiny, grey.expand(-1, -1, -1, 3))[0])
 
 
+def test_an_8_bit_image_is_edited_as_the_picture_not_as_white(tiny):
+    eight_bit = (picture(24, 32) * 255).round().to(torch.uint8)
+    assert torch.equal(run(tiny, eight_bit)[0], run(tiny, eight_bit.float() / 255)[0])
+
+
+def test_integer_image_of_unknown_range_is_refused_with_the_conversion_to_make(tiny):
+    with pytest.raises(InputError, match=r"dtype int64;.*\.float\(\) / 255 for 8-bit values"):
+        run(tiny, torch.full((1, 24, 32, 3), 100, dtype=torch.int64))
+
+
 def test_plan_with_guidance_lists_gives_every_combination_with_labels(tiny):
     plan, report = IP2PSeedPlan.execute(10, 2, "increment", "5, 9", "")
     assert report.splitlines() == [

@@ -7,6 +7,7 @@ the output has exactly the input's size.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,49 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 
+log = logging.getLogger(__name__)
+
+# Integer pixels whose range is certain: 8- and 16-bit pictures as PIL, numpy and image readers hand them out.
+# Other integer types (int16, int32, int64, ...) say nothing about their range, so they are refused, not guessed.
+_INTEGER_RANGES = {torch.uint8: 255.0}
+if hasattr(torch, "uint16"):  # torch >= 2.3
+    _INTEGER_RANGES[torch.uint16] = 65535.0
+# Float pictures may overshoot 0..1 a little (resampling, upscalers); clipping that needs no word.
+_OVERSHOOT = 0.01
+
+
+def to_unit_float(values: torch.Tensor, what: str = "image") -> torch.Tensor:
+    """An IMAGE or MASK tensor of any dtype as float32 in 0..1.
+
+    ComfyUI's IMAGE and MASK are floats in 0..1, but tensors from scripts and some custom nodes arrive as 8-bit
+    (0..255) or 16-bit integers; clamping those as floats would turn almost every pixel white. uint8 is divided
+    by 255, uint16 by 65535, bool is 0/1; other integer types are refused, naming the conversion to make. Floats
+    far outside 0..1 are clipped with a warning (0..255 floats are the usual cause).
+    """
+    dtype = values.dtype
+    if dtype == torch.bool:
+        return values.float()
+    if dtype in _INTEGER_RANGES:
+        return values.float() / _INTEGER_RANGES[dtype]
+    if not dtype.is_floating_point:
+        raise InputError(
+            f"the {what} tensor has dtype {str(dtype).removeprefix('torch.')}; ComfyUI {what}s are floats in 0..1 "
+            "and the value range of this type is unknown. Convert it first: .float() / 255 for 8-bit values, "
+            ".float() / 65535 for 16-bit ones (uint8 and uint16 tensors are converted automatically)"
+        )
+    values = values.float()
+    if not torch.isfinite(values).all():
+        raise InputError(f"the {what} contains NaN or infinite values; check the node that made it")
+    low, high = values.min().item(), values.max().item()
+    if low < -_OVERSHOOT or high > 1.0 + _OVERSHOOT:
+        hint = "; it looks like 0..255 values: divide them by 255" if high > 2.0 else ""
+        log.warning("ip2p: the %s has values from %.3g to %.3g; %ss are 0..1, so they were clipped to 0..1%s",
+                    what, low, high, what, hint)
+    return values.clamp(0.0, 1.0)
+
 
 def to_rgb(images: torch.Tensor) -> torch.Tensor:
-    """``[B,H,W,C]`` with C in {1, 2, 3, 4} as RGB.
+    """``[B,H,W,C]`` with C in {1, 2, 3, 4} as float RGB in 0..1 (see :func:`to_unit_float` for dtypes).
 
     Alpha is dropped rather than mistaken for a fourth colour channel (diffusers takes a 4-channel image for
     a latent); grey is repeated to three channels.
@@ -34,9 +75,7 @@ def to_rgb(images: torch.Tensor) -> torch.Tensor:
         images = images[..., :3]
     elif c != 3:
         raise InputError(f"an image has {c} channels; expected 1 (grey), 3 (RGB) or 4 (RGBA)")
-    if not torch.isfinite(images).all():
-        raise InputError("the image contains NaN or infinite values")
-    return images.float().clamp(0.0, 1.0)
+    return to_unit_float(images, "image")
 
 
 def padding_for(height: int, width: int, multiple: int) -> tuple[int, int]:
