@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ip2p_nodes.pipeline_core import SeedPlan, edit, encode_instruction
+from ip2p_nodes.pipeline_core import PlanItem, SeedPlan, edit, encode_instruction, make_plan
 from ip2p_nodes.pipeline_core.editing.images import to_rgb
 from ip2p_nodes.pipeline_core.editing.masks import prepare_masks
 from ip2p_nodes.pipeline_core.errors import InputError
@@ -58,3 +58,52 @@ def test_a_slight_overshoot_is_clipped_without_a_word(caplog):
 def test_an_8_bit_mask_keeps_its_grey_levels():
     mask = torch.full((1, 8, 8), 128, dtype=torch.uint8)
     assert torch.allclose(prepare_masks(mask, 1, 8, 8), torch.full((1, 8, 8), 128 / 255))
+
+
+# ---------------------------------------------------------------------------------------------- steps and seeds
+def test_integral_float_steps_and_seeds_work_as_their_ints(fp32_model, cond):
+    ints = edit(fp32_model, cond, _img(), [PlanItem(seed=3)], steps=2).images
+    floats = edit(fp32_model, cond, _img(), [PlanItem(seed=3.0)], steps=2.0).images
+    assert torch.equal(ints, floats)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"steps": 2.5}, r"steps must be a whole number, got 2\.5"),
+        ({"steps": 0}, r"steps must be between 1 and 500, got 0"),
+        ({"plan": [PlanItem(seed=2**70)]}, r"seed must be between 0 and 18446744073709551615, got \d+ — pick a seed"),
+        ({"plan": [PlanItem(seed=-1)]}, r"seed must be between 0 and 18446744073709551615, got -1 — pick a seed"),
+        ({"plan": [PlanItem(seed=1.5)]}, r"seed must be a whole number, got 1\.5"),
+        ({"plan": []}, r"the seed plan is empty; give at least one seed"),
+    ],
+)
+def test_bad_steps_and_seeds_are_refused_before_sampling_with_the_range(fp32_model, cond, kwargs, match):
+    kwargs = {"plan": SeedPlan.single(1), "steps": 1, **kwargs}
+    with pytest.raises(InputError, match=match):
+        edit(fp32_model, cond, _img(), kwargs.pop("plan"), **kwargs)
+
+
+@pytest.mark.parametrize("seed", [2**70, float("nan"), float("inf"), "7", True])
+def test_a_single_seed_beyond_64_bits_or_not_a_number_is_refused_naming_it(seed):
+    with pytest.raises(InputError, match=r"seed must be (a whole number|between 0 and 18446744073709551615)"):
+        SeedPlan.single(seed)
+
+
+def test_a_plan_takes_an_integral_float_count_and_refuses_others_before_building_anything():
+    assert [it.seed for it in make_plan(5, 4.0).items] == [5, 6, 7, 8]
+    with pytest.raises(InputError, match=r"count \(how many seeds\) must be a whole number, got 2\.5"):
+        make_plan(0, 2.5)
+    with pytest.raises(InputError, match=r"count \(how many seeds\) must be between 1 and 256, got 0"):
+        make_plan(0, 0)
+    with pytest.raises(InputError, match=r"seed must be between .* — pick a seed"):
+        make_plan(2**70, 1)
+
+
+def test_integer_checks_show_big_bounds_in_full():
+    from ip2p_nodes.pipeline_core import limits
+    from ip2p_nodes.pipeline_core.editing.checks import check_int
+
+    with pytest.raises(InputError, match="between 0 and 18446744073709551615"):
+        check_int(-1, "seed", limits.SEED)
+    assert check_int(2**64 - 1, "seed", limits.SEED) == 2**64 - 1

@@ -241,6 +241,28 @@ def test_integer_image_of_unknown_range_is_refused_with_the_conversion_to_make(t
         run(tiny, torch.full((1, 24, 32, 3), 100, dtype=torch.int64))
 
 
+def test_sampler_takes_integral_float_steps_and_seed(tiny):
+    assert torch.equal(run(tiny, picture(24, 32), seed=5.0, steps=2.0)[0], run(tiny, picture(24, 32))[0])
+
+
+@pytest.mark.parametrize("seed,match", [
+    (2**70, r"seed must be between 0 and 18446744073709551615, got \d+ — pick a seed"),
+    (2.5, r"seed must be a whole number, got 2\.5"),
+])
+def test_sampler_refuses_a_seed_torch_cannot_take_naming_the_range(tiny, seed, match):
+    with pytest.raises(InputError, match=match):
+        run(tiny, picture(24, 32), seed=seed)
+
+
+def test_seed_plan_takes_an_integral_float_count_and_refuses_what_torch_cannot_take():
+    plan, report = IP2PSeedPlan.execute(7, 3.0, "increment", "", "")
+    assert [item.seed for item in plan.items] == [7, 8, 9]
+    with pytest.raises(InputError, match=r"count \(how many seeds\) must be a whole number, got 2\.5"):
+        IP2PSeedPlan.execute(0, 2.5, "increment", "", "")
+    with pytest.raises(InputError, match=r"seed must be between 0 and 18446744073709551615, got \d+ — pick a seed"):
+        IP2PSeedPlan.execute(2**70, 2, "increment", "", "")
+
+
 def test_plan_with_guidance_lists_gives_every_combination_with_labels(tiny):
     plan, report = IP2PSeedPlan.execute(10, 2, "increment", "5, 9", "")
     assert report.splitlines() == [
