@@ -5,6 +5,8 @@ Every refusal is checked for what it says: what was wrong, and what to do instea
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -107,3 +109,16 @@ def test_integer_checks_show_big_bounds_in_full():
     with pytest.raises(InputError, match="between 0 and 18446744073709551615"):
         check_int(-1, "seed", limits.SEED)
     assert check_int(2**64 - 1, "seed", limits.SEED) == 2**64 - 1
+
+
+# ---------------------------------------------------------------------------------------------- tiny pictures
+def test_a_picture_below_the_useful_size_is_edited_with_a_warning(fp32_model, cond, caplog):
+    out = edit(fp32_model, cond, _img(1, 1), SeedPlan.single(1), steps=1)
+    assert out.images.shape == (1, 1, 1, 3)
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING and "1x1 pixels" in r.getMessage()]
+    assert warned and "below 16 px" in warned[0].getMessage() and "Use a larger picture" in warned[0].getMessage()
+
+
+def test_a_picture_of_useful_size_gets_no_size_warning(fp32_model, cond, caplog):
+    edit(fp32_model, cond, _img(16, 24), SeedPlan.single(1), steps=1)
+    assert "pixels; below" not in caplog.text

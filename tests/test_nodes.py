@@ -263,6 +263,11 @@ def test_seed_plan_takes_an_integral_float_count_and_refuses_what_torch_cannot_t
         IP2PSeedPlan.execute(2**70, 2, "increment", "", "")
 
 
+def test_a_one_pixel_picture_is_edited_with_a_warning(tiny, caplog):
+    assert run(tiny, picture(1, 1))[0].shape == (1, 1, 1, 3)
+    assert "only 1x1 pixels; below 16 px on a side" in caplog.text
+
+
 def test_plan_with_guidance_lists_gives_every_combination_with_labels(tiny):
     plan, report = IP2PSeedPlan.execute(10, 2, "increment", "5, 9", "")
     assert report.splitlines() == [

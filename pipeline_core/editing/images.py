@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import limits
 from ..errors import InputError
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,22 @@ def to_rgb(images: torch.Tensor) -> torch.Tensor:
     elif c != 3:
         raise InputError(f"an image has {c} channels; expected 1 (grey), 3 (RGB) or 4 (RGBA)")
     return to_unit_float(images, "image")
+
+
+def warn_if_tiny(height: int, width: int) -> bool:
+    """Log a warning for a picture too small for any model to read; True if it is.
+
+    It is still edited (padding makes any size valid), so a batch of thumbnails does not stop a workflow, but
+    the user learns why the result looks like noise.
+    """
+    if min(height, width) >= limits.MIN_USEFUL_SIDE:
+        return False
+    log.warning(
+        "ip2p: the picture is only %dx%d pixels; below %d px on a side a model sees too little to edit, so the "
+        "result will be meaningless. Use a larger picture (the model's working size, e.g. 512 px for SD1.5, is best)",
+        width, height, limits.MIN_USEFUL_SIDE,
+    )
+    return True
 
 
 def padding_for(height: int, width: int, multiple: int) -> tuple[int, int]:
