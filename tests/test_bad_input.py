@@ -10,10 +10,11 @@ import logging
 import pytest
 import torch
 
-from ip2p_nodes.pipeline_core import PlanItem, SeedPlan, edit, encode_instruction, make_plan
+from ip2p_nodes.pipeline_core import ModelSource, PlanItem, SeedPlan, edit, encode_instruction, make_plan
 from ip2p_nodes.pipeline_core.editing.images import to_rgb
 from ip2p_nodes.pipeline_core.editing.masks import prepare_masks
-from ip2p_nodes.pipeline_core.errors import InputError
+from ip2p_nodes.pipeline_core.errors import InputError, ModelLoadError
+from ip2p_nodes.pipeline_core.models.assets import toy_model_path
 
 
 def _img(h=40, w=56, seed=0):
@@ -122,3 +123,36 @@ def test_a_picture_below_the_useful_size_is_edited_with_a_warning(fp32_model, co
 def test_a_picture_of_useful_size_gets_no_size_warning(fp32_model, cond, caplog):
     edit(fp32_model, cond, _img(16, 24), SeedPlan.single(1), steps=1)
     assert "pixels; below" not in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- model names
+def test_toy_names_the_shipped_toy_model():
+    assert ModelSource.from_path("toy") == ModelSource("single_file", str(toy_model_path()))
+
+
+@pytest.mark.parametrize(
+    "typed,why",
+    [
+        ("models/x", "'models/' is a folder here"),
+        ("./x", "it is written as a path"),
+        ("ckpts/sub/model", "exactly one '/'"),
+        ("someone/model.safetensors", "it names a checkpoint file"),
+        ("x", "exactly one '/'"),
+    ],
+)
+def test_a_mistyped_local_path_is_reported_missing_not_looked_up_on_the_hub(tmp_path, monkeypatch, typed, why):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(ModelLoadError) as err:
+        ModelSource.from_path(typed)
+    message = str(err.value)
+    assert f"{typed}: no such file or folder" in message
+    assert why in message and "not looked up on the Hugging Face Hub" in message
+    assert "Check the path" in message and "'toy' for the shipped demo model" in message
+
+
+@pytest.mark.parametrize("hub_id", ["timbrooks/instruct-pix2pix", "diffusers/sdxl-instructpix2pix-768",
+                                    "someone/model-1.5"])
+def test_a_plain_owner_name_that_is_no_local_path_stays_a_hub_id(tmp_path, monkeypatch, hub_id):
+    monkeypatch.chdir(tmp_path)
+    assert ModelSource.from_path(hub_id) == ModelSource("hub", hub_id)

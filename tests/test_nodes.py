@@ -155,12 +155,25 @@ def test_with_no_model_of_their_own_the_loader_offers_the_toy_model_and_it_edits
 
 
 def test_loader_with_nothing_picked_says_where_to_put_a_model(comfy_env):
-    with pytest.raises(ModelLoadError, match="models/instructpix2pix"):
+    with pytest.raises(ModelLoadError, match=r"no model picked: copy an InstructPix2Pix checkpoint .*"
+                                             r"models/instructpix2pix.*then refresh \(R\) and pick it"):
         IP2PModelLoader.execute("", "", "auto")
 
 
+def test_typing_toy_loads_the_embedded_model_as_the_choice_does(comfy_env):
+    assert IP2PModelLoader.execute("", "toy", "fp32")[0] == IP2PModelLoader.execute(TOY_MODEL_CHOICE, "", "fp32")[0]
+
+
+def test_a_typed_path_that_does_not_exist_is_not_looked_up_on_the_hub(comfy_env, monkeypatch):
+    monkeypatch.setattr(socket.socket, "connect", lambda *a, **k: pytest.fail("the network was used"))
+    with pytest.raises(ModelLoadError, match=r"models/ip2p: no such file or folder .*not looked up on the Hugging "
+                                             r"Face Hub.*Check the path"):
+        IP2PModelLoader.execute("", "models/ip2p", "fp32")
+
+
 def test_loader_reports_a_vanished_file(comfy_env):
-    with pytest.raises(ModelLoadError, match=r"gone\.safetensors: not found in the model folders"):
+    with pytest.raises(ModelLoadError, match=r"gone\.safetensors: not found in the model folders.*refresh \(R\) and "
+                                             r"pick another model"):
         IP2PModelLoader.execute("gone.safetensors", "", "fp32")
 
 
