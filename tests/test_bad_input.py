@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 
-from ip2p_nodes.pipeline_core import ModelSource, PlanItem, SeedPlan, edit, encode_instruction, make_plan
+from ip2p_nodes.pipeline_core import ModelCache, ModelSource, PlanItem, SeedPlan, edit, encode_instruction, make_plan
 from ip2p_nodes.pipeline_core.editing.images import to_rgb
 from ip2p_nodes.pipeline_core.editing.masks import prepare_masks
 from ip2p_nodes.pipeline_core.errors import InputError, ModelLoadError
@@ -156,3 +156,32 @@ def test_a_mistyped_local_path_is_reported_missing_not_looked_up_on_the_hub(tmp_
 def test_a_plain_owner_name_that_is_no_local_path_stays_a_hub_id(tmp_path, monkeypatch, hub_id):
     monkeypatch.chdir(tmp_path)
     assert ModelSource.from_path(hub_id) == ModelSource("hub", hub_id)
+
+
+# ---------------------------------------------------------------------------------------------- library noise
+@pytest.fixture
+def library_warnings():
+    """WARNING records of diffusers and transformers, whose loggers do not propagate to pytest's caplog."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    handler = Keep(logging.WARNING)
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield records
+    for logger in loggers:
+        logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_loading_a_model_logs_no_library_warnings(tiny_folder, library_warnings, precision):
+    cache = ModelCache()
+    for source in (ModelSource("diffusers", str(tiny_folder)), ModelSource("single_file", str(toy_model_path()))):
+        model = cache.get(cache.key_for(source, precision, "cpu"))
+        assert next(model.components.unet.parameters()).dtype == getattr(torch, {"fp32": "float32",
+                                                                                "bf16": "bfloat16"}[precision])
+    assert [r.getMessage()[:120] for r in library_warnings] == []
