@@ -8,6 +8,7 @@ the output has exactly the input's size.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from .. import limits
 from ..errors import InputError
+from .resolution import check_input_size
 
 log = logging.getLogger(__name__)
 
@@ -123,26 +125,83 @@ def vae_to_comfy(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def load_image(path: str | Path) -> torch.Tensor:
-    """A picture file as a ``[1,H,W,3]`` IMAGE, honouring EXIF rotation as viewers do."""
+    """A picture file as a ``[1,H,W,3]`` IMAGE, honouring EXIF rotation as viewers do.
+
+    The size is checked from the file's header, before the pixels are decoded, so a gigantic picture is refused
+    at once instead of after filling the memory.
+    """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not an image file; give the picture's file name")
     try:
         with Image.open(path) as im:
+            check_input_size(im.height, im.width)
             im = ImageOps.exif_transpose(im).convert("RGB")
             arr = np.asarray(im, dtype=np.float32) / 255.0
     except FileNotFoundError:
-        raise InputError(f"{path}: no such image file") from None
+        raise InputError(f"{path}: no such image file; check the path") from None
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{path}: too large to read ({exc}); downscale it before editing") from None
     except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"{path}: cannot be read as an image ({exc})") from None
+        raise InputError(
+            f"{path}: cannot be read as an image ({exc}); give a PNG, JPEG or WebP picture"
+        ) from None
     return torch.from_numpy(arr)[None]
+
+
+# Formats that store an 8-bit RGB picture as it is; the file's suffix picks one (as in ComfyUI's Save Image).
+OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def check_output_path(path: str | Path) -> Path:
+    """``path`` if a picture can be written there, else an :class:`InputError` saying what to change.
+
+    Meant to run before any work (the CLI checks its outputs before a model is loaded): a bad name found only
+    when saving throws away the whole edit.
+    """
+    text = str(path)
+    path = Path(text).expanduser()
+    if path.is_dir() or text.endswith(("/", os.sep)):
+        raise InputError(f"{path}: is a folder; give a file name inside it, e.g. {path / 'edited.png'}")
+    suffix = path.suffix.lower()
+    if not suffix:
+        raise InputError(
+            f"{path}: has no file extension, which picks the format; add one, e.g. {path}.png "
+            f"(one of {', '.join(OUTPUT_SUFFIXES)})"
+        )
+    if suffix not in OUTPUT_SUFFIXES or suffix.lstrip(".") not in _pil_save_suffixes():
+        raise InputError(
+            f"{path}: {suffix} is not a picture format this can write; use one of {', '.join(OUTPUT_SUFFIXES)} "
+            "(.png keeps every pixel exactly)"
+        )
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # save_image creates missing folders; the first existing one must take them
+    if not folder.is_dir():
+        raise InputError(f"{path}: cannot be written, {folder} is a file, not a folder; choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: cannot be written, the folder {folder} is not writable; choose another path")
+    return path
+
+
+def _pil_save_suffixes() -> set[str]:
+    from PIL import Image
+
+    Image.init()
+    return {ext.lstrip(".") for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
 
 
 def save_image(image: torch.Tensor, path: str | Path) -> Path:
     """Write one ``[H,W,3]`` IMAGE (0..1) as PNG/JPEG/WebP by the file's suffix."""
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = (image.detach().cpu().float().clamp(0, 1).numpy() * 255.0).round().astype(np.uint8)
-    Image.fromarray(arr).save(path)
+    path = check_output_path(path)
+    arr = (to_unit_float(image.detach().cpu()).numpy() * 255.0).round().astype(np.uint8)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(path)
+    except OSError as exc:
+        raise InputError(f"{path}: could not be written ({exc}); choose another path or free some disk space") from exc
     return path
