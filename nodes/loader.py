@@ -48,7 +48,8 @@ class IP2PModelLoader(io.ComfyNode):
                     tooltip=(
                         "Leave empty to use 'model'. A Hugging Face id such as timbrooks/instruct-pix2pix is "
                         "used instead, downloaded once into the Hugging Face cache (the only time this pack "
-                        "uses the network); a local folder or file path also works."
+                        "uses the network); a local folder or file path also works, and 'toy' is the embedded demo "
+                        "model."
                     ),
                 ),
                 io.Combo.Input(

@@ -117,7 +117,10 @@ def resolve(choice: str, hub_id: str = "") -> ModelSource:
     hub_id = (hub_id or "").strip()
     if hub_id:
         # A typed local path works too; only an owner/name id can ever reach the network.
-        return _with_tokenizer(ModelSource.from_path(hub_id))
+        source = ModelSource.from_path(hub_id)
+        if source.location == str(toy_model_path()):  # typed "toy": the same model (and cache entry) as the choice
+            return source
+        return _with_tokenizer(source)
     if choice == TOY_MODEL_CHOICE:
         # It carries its own tokenizer (a word-level vocabulary of the shapes world): ComfyUI's SD1 one is not used.
         return ModelSource("single_file", str(toy_model_path()))

@@ -24,7 +24,7 @@ from ..models.cache import CachedModel
 from . import guidance, resolution
 from .conditioning import Conditioning, check_conditioning
 from .denoiser import Denoiser
-from .images import to_rgb
+from .images import to_rgb, warn_if_tiny
 from .masks import prepare_masks
 from .regions import Region, make_region
 from .sampling import sample, strength_steps
@@ -181,10 +181,15 @@ def finish(model: CachedModel, regions: list[Region], image_latents: list[torch.
 
 
 def check_images(images) -> torch.Tensor:
-    """An IMAGE batch as float RGB in 0..1, or an :class:`InputError` before any copy of a huge picture."""
+    """An IMAGE batch as float RGB in 0..1, or an :class:`InputError` before any copy of a huge picture.
+
+    Pictures below ``limits.MIN_USEFUL_SIDE`` on a side are edited, with a warning that the result means nothing.
+    """
     if isinstance(images, torch.Tensor) and images.ndim == 4:
         resolution.check_input_size(images.shape[1], images.shape[2])
-    return to_rgb(images)
+    images = to_rgb(images)
+    warn_if_tiny(images.shape[1], images.shape[2])
+    return images
 
 
 def edit(

@@ -121,12 +121,25 @@ def test_with_no_model_of_their_own_the_loader_offers_the_toy_model_and_it_edits
 
 
 def test_loader_with_nothing_picked_says_where_to_put_a_model(comfy_env):
-    with pytest.raises(ModelLoadError, match="models/instructpix2pix"):
+    with pytest.raises(ModelLoadError, match=r"no model picked: copy an InstructPix2Pix checkpoint .*"
+                                             r"models/instructpix2pix.*then refresh \(R\) and pick it"):
         IP2PModelLoader.execute("", "", "auto")
 
 
+def test_typing_toy_loads_the_embedded_model_as_the_choice_does(comfy_env):
+    assert IP2PModelLoader.execute("", "toy", "fp32")[0] == IP2PModelLoader.execute(TOY_MODEL_CHOICE, "", "fp32")[0]
+
+
+def test_a_typed_path_that_does_not_exist_is_not_looked_up_on_the_hub(comfy_env, monkeypatch):
+    monkeypatch.setattr(socket.socket, "connect", lambda *a, **k: pytest.fail("the network was used"))
+    with pytest.raises(ModelLoadError, match=r"models/ip2p: no such file or folder .*not looked up on the Hugging "
+                                             r"Face Hub.*Check the path"):
+        IP2PModelLoader.execute("", "models/ip2p", "fp32")
+
+
 def test_loader_reports_a_vanished_file(comfy_env):
-    with pytest.raises(ModelLoadError, match=r"gone\.safetensors: not found in the model folders"):
+    with pytest.raises(ModelLoadError, match=r"gone\.safetensors: not found in the model folders.*refresh \(R\) and "
+                                             r"pick another model"):
         IP2PModelLoader.execute("gone.safetensors", "", "fp32")
 
 
@@ -195,6 +208,43 @@ def test_odd_size_rgba_and_grey_pictures_come_out_at_the_input_size(tiny):
     out = run(tiny, grey)[0]
     assert out.shape == (1, 37, 53, 3)
     assert torch.equal(out, run(tiny, grey.expand(-1, -1, -1, 3))[0])
+
+
+def test_an_8_bit_image_is_edited_as_the_picture_not_as_white(tiny):
+    eight_bit = (picture(24, 32) * 255).round().to(torch.uint8)
+    assert torch.equal(run(tiny, eight_bit)[0], run(tiny, eight_bit.float() / 255)[0])
+
+
+def test_integer_image_of_unknown_range_is_refused_with_the_conversion_to_make(tiny):
+    with pytest.raises(InputError, match=r"dtype int64;.*\.float\(\) / 255 for 8-bit values"):
+        run(tiny, torch.full((1, 24, 32, 3), 100, dtype=torch.int64))
+
+
+def test_sampler_takes_integral_float_steps_and_seed(tiny):
+    assert torch.equal(run(tiny, picture(24, 32), seed=5.0, steps=2.0)[0], run(tiny, picture(24, 32))[0])
+
+
+@pytest.mark.parametrize("seed,match", [
+    (2**70, r"seed must be between 0 and 18446744073709551615, got \d+ — pick a seed"),
+    (2.5, r"seed must be a whole number, got 2\.5"),
+])
+def test_sampler_refuses_a_seed_torch_cannot_take_naming_the_range(tiny, seed, match):
+    with pytest.raises(InputError, match=match):
+        run(tiny, picture(24, 32), seed=seed)
+
+
+def test_seed_plan_takes_an_integral_float_count_and_refuses_what_torch_cannot_take():
+    plan, report = IP2PSeedPlan.execute(7, 3.0, "increment", "", "")
+    assert [item.seed for item in plan.items] == [7, 8, 9]
+    with pytest.raises(InputError, match=r"count \(how many seeds\) must be a whole number, got 2\.5"):
+        IP2PSeedPlan.execute(0, 2.5, "increment", "", "")
+    with pytest.raises(InputError, match=r"seed must be between 0 and 18446744073709551615, got \d+ — pick a seed"):
+        IP2PSeedPlan.execute(2**70, 2, "increment", "", "")
+
+
+def test_a_one_pixel_picture_is_edited_with_a_warning(tiny, caplog):
+    assert run(tiny, picture(1, 1))[0].shape == (1, 1, 1, 3)
+    assert "only 1x1 pixels; below 16 px on a side" in caplog.text
 
 
 def test_plan_with_guidance_lists_gives_every_combination_with_labels(tiny):

@@ -37,7 +37,7 @@ def test_cli_reports_a_wrong_model_as_an_error_not_a_traceback(tmp_path, photo, 
     rc = cli.main(["edit", str(photo), "x", "-o", str(tmp_path / "o.png"),
                    "--model", str(tmp_path / "missing.safetensors")])
     assert rc == 2
-    assert "no such file or folder" in caplog.text
+    assert "missing.safetensors: no such file or folder" in caplog.text and "Check the path" in caplog.text
 
 
 def test_cli_reports_an_unreadable_image(tmp_path, tiny_folder, caplog):
@@ -45,7 +45,7 @@ def test_cli_reports_an_unreadable_image(tmp_path, tiny_folder, caplog):
     bad.write_text("not an image")
     rc = cli.main(["edit", str(bad), "x", "-o", str(tmp_path / "o.png"), "--model", str(tiny_folder)])
     assert rc == 2
-    assert "cannot be read as an image" in caplog.text
+    assert "bad.png: cannot be read as an image" in caplog.text and "give a PNG, JPEG or WebP picture" in caplog.text
 
 
 def test_cli_mask_keeps_everything_outside_it_exactly(tmp_path, photo, tiny_folder):

@@ -139,7 +139,7 @@ def test_mask_batch_of_another_length_is_refused_with_a_clear_message(fp32_model
     "mask,match",
     [
         (torch.ones(1, 2, 48, 64), "expected a MASK"),
-        (torch.full((1, 48, 64), float("nan")), "NaN"),
+        (torch.full((1, 48, 64), float("nan")), "the mask contains NaN or infinite values; check the node"),
         ("mask", "expected a MASK tensor"),
     ],
 )

@@ -126,9 +126,9 @@ def test_progress_reports_every_step_of_every_batch(fp32_model):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"steps": 0}, "steps"),
-        ({"text_guidance": float("nan")}, "text guidance"),
-        ({"scheduler": "nope"}, "unknown scheduler"),
+        ({"steps": 0}, r"steps must be between 1 and 500, got 0"),
+        ({"text_guidance": float("nan")}, r"text guidance must be a number between 0 and 30, got nan"),
+        ({"scheduler": "nope"}, r"unknown scheduler 'nope'; choose one of: auto, euler_ancestral"),
     ],
 )
 def test_bad_settings_get_a_clear_error(fp32_model, kwargs, match):
@@ -152,7 +152,7 @@ def test_nan_image_is_refused(fp32_model):
     cond = encode_instruction(fp32_model, "add snow")
     bad = _img()
     bad[0, 0, 0, 0] = float("nan")
-    with pytest.raises(InputError, match="NaN"):
+    with pytest.raises(InputError, match="the image contains NaN or infinite values; check the node that made it"):
         edit(fp32_model, cond, bad, SeedPlan.single(1), steps=1)
 
 
