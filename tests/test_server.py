@@ -1,10 +1,12 @@
 """A real ComfyUI server (COMFYUI_DIR) with the pack: the nodes as the UI sees them, an edit end to end,
-"Unload models" in between, and Cancel.
+"Unload models" in between, live previews over the websocket, and Cancel.
 
 One server for the module (start-up is most of the cost); each test leaves it idle.
 """
 
 from __future__ import annotations
+
+import io
 
 import comfy_harness
 import numpy as np
@@ -108,6 +110,40 @@ def test_edit_runs_end_to_end_and_again_after_unload_models_with_the_same_image(
     assert "ip2p: loading" not in log  # the weights stayed in the pack's cache: moved back, not re-read
     again_files = server.output_files(again, "6")
     assert [pixels(f).tobytes() for f in again_files] == [pixels(f).tobytes() for f in files]
+
+
+def test_live_previews_arrive_over_the_websocket_while_sampling(server):
+    """The frontend's preview setting (extra_data.preview_method) on a server started with previews off."""
+    with server.events() as events:
+        prompt_id = server.post_prompt(edit_prompt(seed=11, count=1, steps=3, prefix="preview"),
+                                       client_id=events.client_id, extra_data={"preview_method": "latent2rgb"})
+        assert server.wait_history(prompt_id)["status"]["completed"]
+        events.wait_for(lambda m: m.get("type") == "executing" and m["data"].get("node") is None
+                        and m["data"].get("prompt_id") == prompt_id)
+        previews = events.previews()
+        timeline = list(events.timeline)
+    assert len(previews) == 3  # one per step
+    for kind, data in previews:
+        assert kind == "JPEG"
+        with Image.open(io.BytesIO(data)) as im:
+            # The picture's shape, scaled by the server to fit --preview-size (512 by default).
+            assert im.format == "JPEG" and max(im.size) == 512
+            assert abs(im.size[0] / im.size[1] - WIDTH / HEIGHT) < 0.1
+    # During sampling: each preview follows the sampler's progress message for its step.
+    kinds = [m.get("type") if isinstance(m, dict) else "preview" for m in timeline]
+    first_preview = kinds.index("preview")
+    assert any(isinstance(m, dict) and m.get("type") == "progress" and m["data"].get("node") == "5"
+               for m in timeline[:first_preview])
+
+    # Previews off (the server's default, --preview-method none): progress still, pictures none.
+    with server.events() as events:
+        prompt_id = server.post_prompt(edit_prompt(seed=12, count=1, steps=2, prefix="no-preview"),
+                                       client_id=events.client_id)
+        assert server.wait_history(prompt_id)["status"]["completed"]
+        events.wait_for(lambda m: m.get("type") == "executing" and m["data"].get("node") is None
+                        and m["data"].get("prompt_id") == prompt_id)
+        assert [p["value"] for p in events.of_type("progress", prompt_id) if p.get("node") == "5"] == [1, 2]
+        assert events.previews() == []
 
 
 def test_cancel_stops_the_edit_and_the_next_run_works(server):
