@@ -3,6 +3,9 @@
 Where the modules live is delegated to a :class:`Residency`. Outside ComfyUI the default keeps them on their
 device. Inside ComfyUI the nodes install one that registers them with ComfyUI's memory manager, so "Unload
 models" and ComfyUI's own eviction reach them; the next run calls :meth:`Residency.load` and they come back.
+Eviction only moves weights to the offload device (the CPU copy stays, so a GPU user's next run needs no disk
+read); the memory itself goes when the cache drops a model (:meth:`ModelCache.evict`, :meth:`ModelCache.clear`),
+which the nodes do when ComfyUI is asked to free its memory.
 """
 
 from __future__ import annotations
@@ -143,11 +146,16 @@ class ModelCache:
             self.residency.release(model.handle)
         return model is not None
 
-    def clear(self) -> None:
+    def clear(self) -> list[ModelKey]:
+        """Drop every model (their memory goes with the last reference); returns the keys dropped.
+
+        The next :meth:`get` of a dropped key reads the model from disk again, with the same weights.
+        """
         with self._lock:
             models, self._models = list(self._models.values()), OrderedDict()
         for model in models:
             self.residency.release(model.handle)
+        return [model.key for model in models]
 
     def __contains__(self, key: ModelKey) -> bool:
         with self._lock:
