@@ -10,6 +10,7 @@ from comfy_api.latest import io
 from ..pipeline_core import SeedPlan, edit, limits
 from ..pipeline_core.models.schedulers import AUTO, SCHEDULER_CHOICES, SCHEDULER_TOOLTIPS
 from .loader import cached_model
+from .preview import make_preview
 from .types import CATEGORY, ConditioningType, ModelType, SeedPlanType
 
 
@@ -36,7 +37,8 @@ class IP2PSampler(io.ComfyNode):
                 "Edits the image by the instruction with InstructPix2Pix's two guidance scales (text: how much to "
                 "change, image: how much to keep). The output has exactly the input's size. Optional: a mask "
                 "to edit one region only, an edit strength (denoise) for subtle changes, the working resolution. "
-                "Shows progress per step and stops within one step on Cancel."
+                "Shows progress and a live preview of the picture forming (as set by ComfyUI's preview method) "
+                "after every step, and stops within one step on Cancel."
             ),
             inputs=[
                 ModelType.Input("model", tooltip="The model from IP2P Load Model (the same one the instruction used)."),
@@ -212,11 +214,14 @@ class IP2PSampler(io.ComfyNode):
     ) -> io.NodeOutput:
         cached = cached_model(model)
         progress_bar = comfy.utils.ProgressBar(steps)
+        c = cached.components
+        preview = make_preview(c.spec.latent_format, int(c.vae.config.latent_channels), c.device)
 
         def progress(done: int, total: int, latents) -> None:
             # Cancel raises here, between two steps; nothing is left half-changed, so the next run just works.
             mm.throw_exception_if_processing_interrupted()
-            progress_bar.update_absolute(done, total)
+            shown = preview(latents) if preview is not None and latents is not None else None
+            progress_bar.update_absolute(done, total, shown)
 
         result = edit(
             cached,

@@ -1,10 +1,14 @@
 """A real ComfyUI server (COMFYUI_DIR) with the pack: the nodes as the UI sees them, an edit end to end,
-"Unload models" in between, and Cancel.
+"Unload models" in between, RAM released on "free memory", live previews over the websocket, and Cancel.
 
 One server for the module (start-up is most of the cost); each test leaves it idle.
 """
 
 from __future__ import annotations
+
+import io
+import logging
+import time
 
 import numpy as np
 import pytest
@@ -25,6 +29,8 @@ OUR_NODES = {
 }
 MODEL = "tiny-ip2p.safetensors"
 PLAIN = "plain-sd15.safetensors"
+WIDE = "wide-ip2p.safetensors"  # 108 M UNet parameters: big enough for its RAM to show in the server's RSS
+WIDE_CHANNELS = (320, 640)
 WIDTH, HEIGHT = 75, 53  # neither a multiple of 8: the output must still be exactly this size
 
 
@@ -38,6 +44,10 @@ def server(tmp_path_factory, tiny_single_file):
     comfy_harness.copy_into(tiny_single_file, base / "models" / "instructpix2pix", "default-folder.safetensors")
     unet, vae, te, _ = tiny_models.make_components(in_channels=4)  # a plain text-to-image model
     save_single_file((unet, vae, te), base / "models" / "checkpoints" / PLAIN)
+    tok = base / "wide-tokenizer"
+    unet, vae, te, _ = tiny_models.make_components(seed=3, tokenizer_dir=tok, unet_channels=WIDE_CHANNELS)
+    save_single_file((unet, vae, te), base / "models" / "instructpix2pix" / WIDE, tokenizer_dir=tok)
+    del unet, vae, te
     (base / "input").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)).save(base / "input" / "photo.png")
@@ -45,11 +55,11 @@ def server(tmp_path_factory, tiny_single_file):
         yield srv
 
 
-def edit_prompt(seed=7, count=2, steps=3, prefix="ip2p", mode="increment", model=MODEL):
+def edit_prompt(seed=7, count=2, steps=3, prefix="ip2p", mode="increment", model=MODEL, precision="auto"):
     """LoadImage -> our four nodes -> SaveImage, in ComfyUI's API format."""
     return {
         "1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
-        "2": {"class_type": "IP2PModelLoader", "inputs": {"model": model, "hub_id": "", "precision": "auto"}},
+        "2": {"class_type": "IP2PModelLoader", "inputs": {"model": model, "hub_id": "", "precision": precision}},
         "3": {"class_type": "IP2PInstruction",
               "inputs": {"model": ["2", 0], "instruction": "make it look like a watercolor painting", "negative": ""}},
         "4": {"class_type": "IP2PSeedPlan",
@@ -96,18 +106,98 @@ def test_edit_runs_end_to_end_and_again_after_unload_models_with_the_same_image(
     assert not np.array_equal(pixels(files[0]), pixels(files[1]))  # two seeds, two pictures
     assert "Requested to load IP2PUNet" in server.log_since(mark)
 
-    # "Unload models" + "Free model and node cache": ComfyUI must reach our modules ...
-    server.free(unload_models=True, free_memory=True,
+    # "Unload Models": ComfyUI must reach our modules ...
+    server.free(unload_models=True, free_memory=False,
                 until_log=r"ip2p: ComfyUI unloaded IP2P(UNet|VAE|TextEncoder)", count=3)
 
-    # ... and the same prompt reloads them transparently and makes the same pictures.
+    # ... and the next run loads them back transparently and makes the same picture. (The second seed alone:
+    # the same prompt again would come from ComfyUI's node cache without running.)
     again_mark = server.log_mark()
-    again = server.run_prompt(edit_prompt())
+    again = server.run_prompt(edit_prompt(seed=8, count=1))
     log = server.log_since(again_mark)
     assert "Requested to load IP2PUNet" in log and "Requested to load IP2PVAE" in log
-    assert "ip2p: loading" not in log  # the weights stayed in the pack's cache: moved back, not re-read
-    again_files = server.output_files(again, "6")
-    assert [pixels(f).tobytes() for f in again_files] == [pixels(f).tobytes() for f in files]
+    # As for core's models, unloading alone keeps the weights' CPU copy (a GPU user's next run reads no disk).
+    assert "ip2p: loading" not in log
+    [again_file] = server.output_files(again, "6")
+    assert pixels(again_file).tobytes() == pixels(files[1]).tobytes()
+
+    # "Unload Models and Execution Cache" drops the CPU copy too; the next run reads the file again.
+    server.free(unload_models=True, free_memory=True, until_log=r"ip2p: ComfyUI freed its caches: released")
+    reread_mark = server.log_mark()
+    reread = server.run_prompt(edit_prompt())
+    assert "ip2p: loading tiny-ip2p.safetensors" in server.log_since(reread_mark)
+    assert [pixels(f).tobytes() for f in server.output_files(reread, "6")] == [pixels(f).tobytes() for f in files]
+
+
+def wait_for_rss(server, predicate, timeout=30.0) -> int:
+    """The server's RSS once ``predicate(rss)`` holds (ComfyUI collects garbage a moment after a free)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rss = server.rss()
+        if predicate(rss) or time.monotonic() > deadline:
+            return rss
+        time.sleep(0.25)
+
+
+def test_free_memory_gives_the_models_ram_back_and_the_next_run_makes_the_same_picture(server):
+    prompt = edit_prompt(model=WIDE, precision="fp32", count=1, steps=1, prefix="wide")
+    model_bytes = (server.base_dir / "models" / "instructpix2pix" / WIDE).stat().st_size  # fp32, as loaded
+    first = server.run_prompt(prompt)
+    [picture] = server.output_files(first, "6")
+    loaded = server.rss()
+
+    # "Unload Models" alone: ComfyUI unloads our modules, the RAM stays (as core's models' does).
+    server.free(unload_models=True, free_memory=False, until_log=r"ip2p: ComfyUI unloaded IP2PUNet")
+    assert server.rss() > loaded - model_bytes / 2
+
+    mark = server.log_mark()
+    server.free(unload_models=True, free_memory=True, until_log=r"ip2p: ComfyUI freed its caches: released")
+    assert "wide-ip2p.safetensors (fp32, cpu)" in server.log_since(mark)
+    freed = wait_for_rss(server, lambda rss: loaded - rss > 0.8 * model_bytes)
+    figures = f"RSS loaded {loaded / 2**20:.0f} MiB, freed {freed / 2**20:.0f} MiB, model {model_bytes / 2**20:.0f} MiB"
+    logging.getLogger(__name__).info(figures)
+    assert loaded - freed > 0.8 * model_bytes, figures
+
+    mark = server.log_mark()
+    again = server.run_prompt(prompt)
+    assert "ip2p: loading wide-ip2p.safetensors" in server.log_since(mark)
+    [picture_again] = server.output_files(again, "6")
+    assert pixels(picture_again).tobytes() == pixels(picture).tobytes()
+    assert server.rss() > freed + 0.8 * model_bytes  # really read again
+
+
+def test_live_previews_arrive_over_the_websocket_while_sampling(server):
+    """The frontend's preview setting (extra_data.preview_method) on a server started with previews off."""
+    with server.events() as events:
+        prompt_id = server.post_prompt(edit_prompt(seed=11, count=1, steps=3, prefix="preview"),
+                                       client_id=events.client_id, extra_data={"preview_method": "latent2rgb"})
+        assert server.wait_history(prompt_id)["status"]["completed"]
+        events.wait_for(lambda m: m.get("type") == "executing" and m["data"].get("node") is None
+                        and m["data"].get("prompt_id") == prompt_id)
+        previews = events.previews()
+        timeline = list(events.timeline)
+    assert len(previews) == 3  # one per step
+    for kind, data in previews:
+        assert kind == "JPEG"
+        with Image.open(io.BytesIO(data)) as im:
+            # The picture's shape, scaled by the server to fit --preview-size (512 by default).
+            assert im.format == "JPEG" and max(im.size) == 512
+            assert abs(im.size[0] / im.size[1] - WIDTH / HEIGHT) < 0.1
+    # During sampling: each preview follows the sampler's progress message for its step.
+    kinds = [m.get("type") if isinstance(m, dict) else "preview" for m in timeline]
+    first_preview = kinds.index("preview")
+    assert any(isinstance(m, dict) and m.get("type") == "progress" and m["data"].get("node") == "5"
+               for m in timeline[:first_preview])
+
+    # Previews off (the server's default, --preview-method none): progress still, pictures none.
+    with server.events() as events:
+        prompt_id = server.post_prompt(edit_prompt(seed=12, count=1, steps=2, prefix="no-preview"),
+                                       client_id=events.client_id)
+        assert server.wait_history(prompt_id)["status"]["completed"]
+        events.wait_for(lambda m: m.get("type") == "executing" and m["data"].get("node") is None
+                        and m["data"].get("prompt_id") == prompt_id)
+        assert [p["value"] for p in events.of_type("progress", prompt_id) if p.get("node") == "5"] == [1, 2]
+        assert events.previews() == []
 
 
 def test_cancel_stops_the_edit_and_the_next_run_works(server):

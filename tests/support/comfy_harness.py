@@ -155,11 +155,17 @@ class ComfyServer:
     def object_info(self, node_id: str | None = None) -> dict:
         return self.get_json("/object_info" + (f"/{node_id}" if node_id else ""))
 
-    def post_prompt(self, prompt: dict, client_id: str | None = None) -> str:
-        """Queue an API-format prompt; returns its id. Validation errors raise with ComfyUI's node_errors."""
+    def post_prompt(self, prompt: dict, client_id: str | None = None, extra_data: dict | None = None) -> str:
+        """Queue an API-format prompt; returns its id. Validation errors raise with ComfyUI's node_errors.
+
+        ``extra_data`` is sent as the frontend sends it, e.g. ``{"preview_method": "latent2rgb"}`` (the
+        per-prompt preview setting).
+        """
         payload: dict[str, Any] = {"prompt": prompt}
         if client_id:
             payload["client_id"] = client_id
+        if extra_data:
+            payload["extra_data"] = extra_data
         status, body = self.request("POST", "/prompt", payload)
         if status != 200:
             raise ServerError(f"POST /prompt -> {status}: {json.dumps(body, indent=1)[:3000]}")
@@ -252,6 +258,22 @@ class ComfyServer:
             self.check_alive()
             time.sleep(0.2)
 
+    # -- process -------------------------------------------------------------------------------------------
+    def memory_status(self) -> dict[str, int]:
+        """The server process's ``/proc/<pid>/status`` memory lines (``VmRSS``, ``VmHWM``, ``RssAnon`` ...) in bytes."""
+        self.check_alive()
+        out = {}
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            parts = value.split()
+            if name.startswith(("Vm", "Rss")) and len(parts) == 2 and parts[1] == "kB":
+                out[name] = int(parts[0]) * 1024
+        return out
+
+    def rss(self) -> int:
+        """Resident memory of the server process now (VmRSS), in bytes."""
+        return self.memory_status()["VmRSS"]
+
     def check_alive(self) -> None:
         if self.process.poll() is not None:
             raise ServerError(f"ComfyUI exited with code {self.process.returncode}\n{self.log_tail()}")
@@ -332,16 +354,39 @@ def comfy_server(
 # Websocket events
 
 
+# Binary websocket messages: a big-endian uint32 event type (ComfyUI's protocol.BinaryEventTypes), then the
+# payload; a preview's payload is a uint32 image type (1 JPEG, 2 PNG) and the encoded picture.
+PREVIEW_IMAGE = 1
+PREVIEW_IMAGE_TYPES = {1: "JPEG", 2: "PNG"}
+
+
+@dataclass(frozen=True)
+class BinaryMessage:
+    event: int  # protocol.BinaryEventTypes: 1 PREVIEW_IMAGE (what a client without preview metadata gets)
+    payload: bytes
+
+    def preview(self) -> tuple[str, bytes]:
+        """(format, encoded picture) of a PREVIEW_IMAGE message, as the frontend reads it."""
+        if self.event != PREVIEW_IMAGE:
+            raise ValueError(f"binary event {self.event} is not a preview image")
+        kind = int.from_bytes(self.payload[:4], "big")
+        return PREVIEW_IMAGE_TYPES.get(kind, f"type {kind}"), self.payload[4:]
+
+
 class EventStream:
-    """Collects the JSON messages ComfyUI sends to one client id over ``/ws``, on a background thread.
+    """Collects the messages ComfyUI sends to one client id over ``/ws``, on a background thread.
 
     Queue prompts with ``client_id=stream.client_id`` to receive their ``progress`` / ``executing`` /
-    ``execution_*`` messages. Uses aiohttp, which ComfyUI itself requires.
+    ``execution_*`` JSON messages in :attr:`messages`, and the binary ones (live previews) in :attr:`binary`,
+    each in arrival order; :attr:`timeline` holds both, interleaved as they came. Uses aiohttp, which ComfyUI
+    itself requires.
     """
 
     def __init__(self, base_url: str, connect_timeout: float = 15.0):
         self.client_id = uuid.uuid4().hex
         self.messages: list[dict] = []
+        self.binary: list[BinaryMessage] = []
+        self.timeline: list[dict | BinaryMessage] = []
         self._url = base_url.replace("http://", "ws://") + f"/ws?clientId={self.client_id}"
         self._cond = threading.Condition()
         self._connected = threading.Event()
@@ -372,9 +417,17 @@ class EventStream:
                 self._connected.set()
                 async for msg in ws:
                     if msg.type == aiohttp.WSMsgType.TEXT:
-                        with self._cond:
-                            self.messages.append(json.loads(msg.data))
-                            self._cond.notify_all()
+                        item: dict | BinaryMessage = json.loads(msg.data)
+                        target = self.messages
+                    elif msg.type == aiohttp.WSMsgType.BINARY:
+                        item = BinaryMessage(int.from_bytes(msg.data[:4], "big"), bytes(msg.data[4:]))
+                        target = self.binary
+                    else:
+                        continue
+                    with self._cond:
+                        target.append(item)
+                        self.timeline.append(item)
+                        self._cond.notify_all()
 
     def wait_for(self, predicate: Callable[[dict], bool], timeout: float = 60.0) -> dict:
         """The first message (so far or to come) for which ``predicate`` is true."""
@@ -389,6 +442,11 @@ class EventStream:
                     types = sorted({m.get("type", "?") for m in self.messages})
                     raise ServerError(f"no matching websocket message within {timeout}s (saw types {types})")
                 self._cond.wait(remaining)
+
+    def previews(self) -> list[tuple[str, bytes]]:
+        """The live preview pictures received so far, as (format, encoded picture)."""
+        with self._cond:
+            return [m.preview() for m in self.binary if m.event == PREVIEW_IMAGE]
 
     def of_type(self, kind: str, prompt_id: str | None = None) -> list[dict]:
         with self._cond:

@@ -61,8 +61,9 @@ def _materialize_random(module: torch.nn.Module, generator: torch.Generator) -> 
     return module.eval()
 
 
-def write_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
-    """A full-size SD1.5 text-to-image checkpoint (LDM layout, fp16) that ComfyUI loads as SD1.5."""
+def write_sd15_checkpoint(path: Path, seed: int = 0, in_channels: int = 4) -> Path:
+    """A full-size SD1.5 checkpoint (LDM layout, fp16) that ComfyUI loads as SD1.5: text-to-image, or with
+    ``in_channels=8`` shaped as an SD1.5 InstructPix2Pix model (what the pack's loader takes for one)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -70,7 +71,7 @@ def write_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
     from ip2p_nodes.pipeline_core.models.ldm_format import to_ldm_state_dict
 
     generator = torch.Generator().manual_seed(seed)
-    unet_config = dict(_config("unet"), in_channels=4)
+    unet_config = dict(_config("unet"), in_channels=in_channels)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_config)
         vae = AutoencoderKL.from_config(_config("vae"))

@@ -23,7 +23,10 @@ def write_tokenizer(directory: Path) -> CLIPTokenizer:
     return write_byte_level_tokenizer(directory)
 
 
-def make_components(seed: int = 0, in_channels: int = 8, tokenizer_dir: Path | None = None):
+def make_components(seed: int = 0, in_channels: int = 8, tokenizer_dir: Path | None = None,
+                    unet_channels: tuple[int, int] = (32, 64)):
+    """UNet, VAE, text encoder (and tokenizer when ``tokenizer_dir`` is given). Wider ``unet_channels`` make a
+    model of a measurable size for memory tests: (320, 640) has 108 M UNet parameters (433 MB in fp32)."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         # SD1.5's own sample size (64 latents = 512 px): the pack reads the model's working area from it.
@@ -31,7 +34,7 @@ def make_components(seed: int = 0, in_channels: int = 8, tokenizer_dir: Path | N
         in_channels=in_channels,
         out_channels=4,
         layers_per_block=2,
-        block_out_channels=(32, 64),
+        block_out_channels=tuple(unet_channels),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
