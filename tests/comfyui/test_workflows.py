@@ -10,8 +10,7 @@ Three tiers:
   CPU and writes its images. The models are random-weight files of the real architectures, written by the
   tests under the names the workflows use (``model_files``); the run is shrunk to 64 px and 1 step. The toy
   demo runs exactly as shipped (its embedded model is tiny) on the shipped sample picture, and its edit is
-  checked against the exactly correct one. ``cosxl_edit`` is checked but not run until the pack has the CosXL
-  family.
+  checked against the exactly correct one.
 - In the real web app (marker ``browser``; needs ``playwright`` and a Chromium too): each workflow, opened
   through the app's file input, shows no dialog and no warning, and the prompt the app would send is the
   one the conversion makes and the server runs it. A screenshot of each graph is kept in
@@ -44,11 +43,8 @@ PACK_ID = "ip2p-nodes"
 PACK_VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
 WORKFLOW_NAMES = example_workflows.KEYS
-# Run end to end on the CPU; the lead removes the skip once the pack has the CosXL family.
-RUNNABLE = [
-    pytest.param(name, marks=pytest.mark.skip(reason="needs the CosXL family")) if name == "cosxl_edit" else name
-    for name in WORKFLOW_NAMES
-]
+# Run end to end on the CPU, every one (CosXL on a tiny CosXL file under the name the workflow uses).
+RUNNABLE = list(WORKFLOW_NAMES)
 MODEL_WIDGETS = {
     "IP2PModelLoader": model_files.IP2P_NAME,
     "CheckpointLoaderSimple": model_files.SD15_NAME,

@@ -141,11 +141,23 @@ def write_ip2p_checkpoint(path: Path, seed: int = 0) -> Path:
     return save_single_file((unet, vae, text_encoder), path, tokenizer_dir=tokenizer_dir)
 
 
-def write_name_only(path: Path) -> Path:
-    """An empty file: the loader lists it by name; loading it fails."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"")
-    return path
+def write_cosxl_checkpoint(path: Path, seed: int = 3) -> Path:
+    """A tiny CosXL Edit model (SDXL-shaped, EDM v-prediction) as one original-layout ``.safetensors`` with its
+    ``edm_vpred.*`` keys, which the pack's loader reads offline (configs and tokenizer in the metadata).
+
+    Tiny like the SD1.5 IP2P file above: the workflow tests run the pack's path end to end; ComfyUI's own reading
+    of a real-architecture CosXL layout is tested on the meta device (``comfyui/test_ldm_sdxl_comfyui.py``).
+    """
+    from ip2p_nodes.pipeline_core.models.loading import save_single_file
+
+    from . import tiny_sdxl
+
+    tokenizer_dir = path.parent / f".{path.stem}-tokenizer"
+    tiny = tiny_sdxl.make_components(seed, tokenizer_dir=tokenizer_dir, sample_size=128)
+    modules = {"unet": tiny.unet, "vae": tiny.vae, "text_encoder": tiny.text_encoder,
+               "text_encoder_2": tiny.text_encoder_2}
+    return save_single_file(modules, path, tokenizer_dir=tokenizer_dir, family="cosxl",
+                            scheduler_config=tiny_sdxl.COSXL_SCHEDULER_CONFIG)
 
 
 def write_model_tree(root: Path) -> dict[str, Path]:
@@ -159,7 +171,7 @@ def write_model_tree(root: Path) -> dict[str, Path]:
         ("checkpoints", SD15_NAME, write_sd15_checkpoint),
         ("controlnet", CONTROLNET_NAME, write_controlnet),
         ("instructpix2pix", IP2P_NAME, write_ip2p_checkpoint),
-        ("checkpoints", COSXL_NAME, write_name_only),
+        ("checkpoints", COSXL_NAME, write_cosxl_checkpoint),
     ):
         start = time.perf_counter()
         writer(folders[key] / name)
