@@ -86,7 +86,7 @@ def write_sd15_checkpoint(path: Path, seed: int = 0, in_channels: int = 4) -> Pa
 
 def controlnet_key_to_original(key: str, config: dict) -> str:
     """A diffusers ``ControlNetModel`` key in the original ControlNet layout (``cldm.py``'s module names)."""
-    from ip2p_nodes.pipeline_core.ldm_format import unet_key_to_ldm
+    from ip2p_nodes.pipeline_core.models.ldm_format import unet_key_to_ldm
 
     parts = key.split(".")
     if parts[0] == "controlnet_down_blocks":  # controlnet_down_blocks.i.* -> zero_convs.i.0.*

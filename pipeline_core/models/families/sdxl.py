@@ -30,6 +30,7 @@ from .base import (
     TextEncoding,
     check_tokenizer,
     checkpoint_facts,
+    diffusers_load_kwargs,
     fix_position_ids,
     read_json,
     single_file_tokenizer,
@@ -111,8 +112,9 @@ class SDXLFamily(Family):
                     path, subfolder="tokenizer", local_files_only=True, **clip_g_pad_kwargs(tokenizer)
                 )
             modules = {
-                "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True),
-                "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True),
+                "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet",
+                                                             **diffusers_load_kwargs(precision.unet)),
+                "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", **diffusers_load_kwargs(precision.vae)),
                 "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True),
                 "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
                     path, subfolder="text_encoder_2", local_files_only=True
