@@ -111,6 +111,27 @@ def write_ip2p_checkpoint(path: Path, seed: int = 0) -> Path:
     return save_single_file((unet, vae, text_encoder), path, tokenizer_dir=tokenizer_dir)
 
 
+def write_full_size_ip2p_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A full-size SD1.5 InstructPix2Pix checkpoint (8-channel UNet, VAE, CLIP-L; random fp16 weights).
+
+    Written by the pack's own ``save_single_file``, so it is the layout a user gets from the pack, and full
+    size, because ComfyUI recognises SD1.5 IP2P by the UNet's shapes. About 2 GB; ~15 s on two cores. It
+    carries no tokenizer: both loaders use ComfyUI's bundled SD1 tokenizer, as with a real downloaded file.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from ip2p_nodes.pipeline_core.models.loading import save_single_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(_config("unet"))
+        vae = AutoencoderKL.from_config(_config("vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**_config("text_encoder")))
+    assert unet.config.in_channels == 8
+    modules = [_materialize_random(m, generator) for m in (unet, vae, text_encoder)]
+    return save_single_file(tuple(modules), path, family="sd15")
+
+
 def write_model_tree(root: Path) -> dict[str, Path]:
     """ComfyUI model folders under ``root`` holding the three files; returns {folder key: folder}.
 
