@@ -11,6 +11,7 @@ is spent outside the UNet).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import tempfile
@@ -20,11 +21,11 @@ from pathlib import Path
 import torch
 
 from ip2p_nodes.pipeline_core import ModelCache, ModelSource, SeedPlan, edit, encode_instruction
-from ip2p_nodes.pipeline_core.training.byte_tokenizer import write_byte_level_tokenizer
 from ip2p_nodes.pipeline_core.models.components import IP2PComponents
 from ip2p_nodes.pipeline_core.models.families import get as get_family
 from ip2p_nodes.pipeline_core.models.loading import CONFIG_DIR
 from ip2p_nodes.pipeline_core.models.precision import resolve_precision
+from ip2p_nodes.pipeline_core.training.byte_tokenizer import write_byte_level_tokenizer
 
 
 def build_modules(kind: str, tmp: Path):
@@ -34,8 +35,8 @@ def build_modules(kind: str, tmp: Path):
     if kind == "tiny":
         import sys
 
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        import tiny_models
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the shared test support package
+        from support import tiny_models
 
         unet, vae, te, _ = tiny_models.make_components()
     else:
@@ -110,7 +111,8 @@ def main() -> None:
             model = cache.get(cache.key_for(src, precision, "cpu"))
             assert isinstance(model.components, IP2PComponents)
             cond = encode_instruction(model, "make it winter")
-            t = timed(lambda: edit(model, cond, img, SeedPlan.single(0), **common), args.repeats)
+            # Bound now (not a closure): `model` is deleted at the end of each pass to free its memory.
+            t = timed(functools.partial(edit, model, cond, img, SeedPlan.single(0), **common), args.repeats)
             rows.append((f"ip2p-nodes {resolved.name}" + (" + channels_last" if resolved.name == "bf16" else ""), t))
 
             # UNet floor: one batch-of-3 forward at this precision.

@@ -20,10 +20,12 @@ NODES: list[type[io.ComfyNode]] = [IP2PModelLoader, IP2PInstruction, IP2PSampler
 
 
 def setup() -> None:
-    """Register the model folder and hand the shared cache's modules to ComfyUI's memory manager. Idempotent."""
+    """Register the model folder, hand the shared cache's modules to ComfyUI's memory manager, and let ComfyUI's
+    "free memory" release their RAM. Idempotent."""
     first_time = not isinstance(MODEL_CACHE.residency, memory.ComfyResidency)
     folder = model_paths.register_model_folder()
     memory.install_residency(MODEL_CACHE)
+    memory.release_ram_with_executor_cache(MODEL_CACHE)
     model_paths.provide_toy_sample()
     if first_time:
         log.info("ip2p: InstructPix2Pix models are read from %s (also checkpoints and diffusers)", folder)

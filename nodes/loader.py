@@ -20,10 +20,11 @@ class IP2PModelLoader(io.ComfyNode):
             display_name="IP2P Load Model",
             category=CATEGORY,
             description=(
-                "Loads an InstructPix2Pix model (an SD1.5 model whose UNet also reads the input image) from "
-                "models/instructpix2pix, models/checkpoints or models/diffusers, or the pack's embedded toy demo "
-                "model (coloured shapes). Loaded once and shared by every IP2P node; ComfyUI's 'Unload models' "
-                "frees it and the next run reloads it. Nothing is downloaded unless you type a hub_id."
+                "Loads an InstructPix2Pix-family model — SD1.x IP2P (instruct-pix2pix, MagicBrush), SDXL "
+                "InstructPix2Pix or CosXL Edit, recognised from the file itself — from models/instructpix2pix, "
+                "models/checkpoints or models/diffusers, or the pack's embedded toy demo model (coloured shapes). "
+                "The log names the family it found. Loaded once and shared by every IP2P node; ComfyUI's 'Unload "
+                "models' frees it and the next run reloads it. Nothing is downloaded unless you type a hub_id."
             ),
             inputs=[
                 io.Combo.Input(
@@ -32,12 +33,13 @@ class IP2PModelLoader(io.ComfyNode):
                     tooltip=(
                         "The editing model: single files from models/instructpix2pix and models/checkpoints, "
                         "diffusers folders (with model_index.json) from models/diffusers. It must be an "
-                        "InstructPix2Pix model (8-channel UNet, e.g. instruct-pix2pix-00-22000.safetensors or a "
-                        "MagicBrush fine-tune); a plain SD checkpoint is refused because it would ignore the "
-                        "picture. Press R after adding files. The last entry, toy-ip2p, is a tiny demo model "
-                        "shipped with the pack: it only knows 32x32 pictures of coloured shapes and instructions "
-                        "like 'make the circle red' (best at text guidance 3, image guidance 1.5); try it with "
-                        "the toy_demo workflow."
+                        "InstructPix2Pix-family model (8-channel UNet: instruct-pix2pix-00-22000.safetensors, a "
+                        "MagicBrush fine-tune, sdxl-instructpix2pix-768, cosxl_edit.safetensors); a plain SD/SDXL "
+                        "checkpoint is refused because it would ignore the picture. Press R after adding files. "
+                        "The last entry, toy-ip2p, is a tiny demo model shipped with the pack: it only knows "
+                        "32x32 pictures of coloured shapes and instructions like 'make the circle red' (best at "
+                        "text guidance 3, image guidance 1.5); try it with "
+                        "the 'Toy demo, no download' workflow template."
                     ),
                 ),
                 io.String.Input(
@@ -46,7 +48,8 @@ class IP2PModelLoader(io.ComfyNode):
                     tooltip=(
                         "Leave empty to use 'model'. A Hugging Face id such as timbrooks/instruct-pix2pix is "
                         "used instead, downloaded once into the Hugging Face cache (the only time this pack "
-                        "uses the network); a local folder or file path also works."
+                        "uses the network); a local folder or file path also works, and 'toy' is the embedded demo "
+                        "model."
                     ),
                 ),
                 io.Combo.Input(

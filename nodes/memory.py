@@ -6,10 +6,18 @@ upscale models). So "Unload models", ``POST /free`` and ComfyUI's eviction to ma
 our weights to the offload device; the next run's :meth:`ComfyResidency.load` brings them back. A diffusers
 wrapper that keeps its modules to itself is invisible to ComfyUI: it cannot be unloaded and runs other models
 out of memory.
+
+RAM follows core's rule too. Core's models live in the executor's node-output cache: unloading moves them to
+the offload device (a GPU user's next run copies them back, no disk read), and their RAM goes only when that
+cache is reset, which ComfyUI does for ``POST /free {"free_memory": true}`` ("Unload Models and Execution
+Cache"; plain "Unload Models" keeps it). Our weights live in the pack's model cache instead, so
+:func:`release_ram_with_executor_cache` drops that cache at the same moment; the next run reads the model from
+disk again, with the same weights. Eviction and "Unload Models" alone never drop it.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -129,3 +137,42 @@ def install_residency(cache: ModelCache) -> ComfyResidency:
         cache.clear()
     cache.residency = ComfyResidency()
     return cache.residency
+
+
+_HOOKED = "ip2p_release_cache"  # attribute of our wrapper around PromptExecutor.reset: the cache it drops
+
+
+def release_ram_with_executor_cache(cache: ModelCache) -> bool:
+    """Drop ``cache``'s models whenever ComfyUI resets its executor cache. Idempotent; False if not possible.
+
+    ComfyUI has no hook for "free memory"; its worker thread calls ``PromptExecutor.reset()`` for it (between
+    prompts, right after ``unload_all_models()``, right before its ``gc.collect()``), and nowhere else but the
+    executor's construction. So this wraps that one method, without changing what it does. Doing it there, not
+    in the HTTP handler, means a model is never dropped under a running prompt.
+    """
+    try:
+        import execution
+    except ImportError:  # not inside a ComfyUI server (scripts, some tests): nothing to hook
+        log.debug("ip2p: ComfyUI's execution module is not importable; models stay cached on free")
+        return False
+    executor = getattr(execution, "PromptExecutor", None)
+    current = getattr(executor, "reset", None)
+    if current is None:
+        log.warning("ip2p: this ComfyUI has no PromptExecutor.reset; 'free memory' will not release our models' RAM")
+        return False
+    if hasattr(current, _HOOKED):
+        setattr(current, _HOOKED, cache)
+        return True
+
+    @functools.wraps(current)
+    def reset(self, *args, **kwargs):
+        result = current(self, *args, **kwargs)
+        dropped = getattr(reset, _HOOKED).clear()
+        if dropped:
+            log.info("ip2p: ComfyUI freed its caches: released %s from RAM (the next run reloads from disk)",
+                     ", ".join(key.describe() for key in dropped))
+        return result
+
+    setattr(reset, _HOOKED, cache)
+    executor.reset = reset
+    return True

@@ -5,9 +5,9 @@ Choices come from three ComfyUI model folders: ``instructpix2pix`` (registered b
 inside ComfyUI they get ComfyUI's own bundled SD1 tokenizer, so an SD1.5 IP2P ``.safetensors`` loads with no
 network at all.
 
-The pack's embedded toy model (:mod:`pipeline_core.models.assets`, 32 x 32 pictures of coloured shapes) is always the last
-choice: a user's own models come first, so a new loader node defaults to one of them, and with no model at all
-the toy model is the default, so the node and the ``toy_demo`` workflow run without any download.
+The pack's embedded toy model (:mod:`pipeline_core.models.assets`, 32 x 32 pictures of coloured shapes) is always
+the last choice: a user's own models come first, so a new loader node defaults to one of them, and with no model
+at all the toy model is the default, so the node and the "Toy demo, no download" workflow run without any download.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def register_model_folder() -> str:
 def provide_toy_sample() -> Path | None:
     """Put the toy demo's input picture into ComfyUI's input folder, once, never over a user's file.
 
-    workflows/toy_demo.json loads it by name, so the example runs as shipped on a fresh ComfyUI, as core's
-    templates do with the bundled example.png.
+    workflows/"Toy demo, no download.json" loads it by name, so the example runs as shipped on a fresh ComfyUI, as
+    core's templates do with the bundled example.png.
     """
     import shutil
 
@@ -117,7 +117,10 @@ def resolve(choice: str, hub_id: str = "") -> ModelSource:
     hub_id = (hub_id or "").strip()
     if hub_id:
         # A typed local path works too; only an owner/name id can ever reach the network.
-        return _with_tokenizer(ModelSource.from_path(hub_id))
+        source = ModelSource.from_path(hub_id)
+        if source.location == str(toy_model_path()):  # typed "toy": the same model (and cache entry) as the choice
+            return source
+        return _with_tokenizer(source)
     if choice == TOY_MODEL_CHOICE:
         # It carries its own tokenizer (a word-level vocabulary of the shapes world): ComfyUI's SD1 one is not used.
         return ModelSource("single_file", str(toy_model_path()))

@@ -10,6 +10,7 @@ from comfy_api.latest import io
 from ..pipeline_core import SeedPlan, edit, limits
 from ..pipeline_core.models.schedulers import AUTO, SCHEDULER_CHOICES, SCHEDULER_TOOLTIPS
 from .loader import cached_model
+from .preview import make_preview
 from .types import CATEGORY, ConditioningType, ModelType, SeedPlanType
 
 
@@ -36,7 +37,8 @@ class IP2PSampler(io.ComfyNode):
                 "Edits the image by the instruction with InstructPix2Pix's two guidance scales (text: how much to "
                 "change, image: how much to keep). The output has exactly the input's size. Optional: a mask "
                 "to edit one region only, an edit strength (denoise) for subtle changes, the working resolution. "
-                "Shows progress per step and stops within one step on Cancel."
+                "Shows progress and a live preview of the picture forming (as set by ComfyUI's preview method) "
+                "after every step, and stops within one step on Cancel."
             ),
             inputs=[
                 ModelType.Input("model", tooltip="The model from IP2P Load Model (the same one the instruction used)."),
@@ -79,7 +81,8 @@ class IP2PSampler(io.ComfyNode):
                     step=limits.TEXT_GUIDANCE.step,
                     tooltip=(
                         "How strongly the instruction is applied (s_T). Useful 5-12: raise it when the edit is too "
-                        "weak, lower it when the picture gets overcooked. 7.5 is the paper's default."
+                        "weak, lower it when the picture gets overcooked. 7.5 is the paper's default for SD1.5 models; "
+                        "SDXL-IP2P is made for 3.0, CosXL Edit for about 5.0, the toy model for 3.0."
                     ),
                 ),
                 io.Float.Input(
@@ -161,8 +164,9 @@ class IP2PSampler(io.ComfyNode):
                     optional=True,
                     tooltip=(
                         "The size the model edits at, as the side of a square of the same area (aspect is kept). "
-                        "0 = the model's own (512 for SD1.5). Larger pictures are scaled to it and back; smaller "
-                        "ones are edited at their own size. Useful 384-768 for SD1.5: higher is slower and may "
+                        "0 = the model's own (512 for SD1.5, 768 for SDXL-IP2P-768, 1024 for CosXL, 32 for the toy "
+                        "model). Larger pictures are scaled to it and back; smaller ones are edited at their own "
+                        "size. Useful 384-768 for SD1.5, 768-1280 for SDXL-based models: higher is slower and may "
                         "repeat subjects."
                     ),
                 ),
@@ -178,9 +182,9 @@ class IP2PSampler(io.ComfyNode):
                 io.Latent.Output(
                     display_name="latent",
                     tooltip=(
-                        "The result as a ComfyUI LATENT (SD1.5 VAE space) at the working resolution, before the "
-                        "mask blend, e.g. for VAEDecode or a second pass; with crop_to_mask, the final picture "
-                        "encoded at the whole picture's working resolution."
+                        "The result as a ComfyUI LATENT (the model's VAE space: SD1.5 or SDXL) at the working "
+                        "resolution, before the mask blend, e.g. for VAEDecode or a second pass; with "
+                        "crop_to_mask, the final picture encoded at the whole picture's working resolution."
                     ),
                 ),
                 io.String.Output(
@@ -210,11 +214,14 @@ class IP2PSampler(io.ComfyNode):
     ) -> io.NodeOutput:
         cached = cached_model(model)
         progress_bar = comfy.utils.ProgressBar(steps)
+        c = cached.components
+        preview = make_preview(c.spec.latent_format, int(c.vae.config.latent_channels), c.device)
 
         def progress(done: int, total: int, latents) -> None:
             # Cancel raises here, between two steps; nothing is left half-changed, so the next run just works.
             mm.throw_exception_if_processing_interrupted()
-            progress_bar.update_absolute(done, total)
+            shown = preview(latents) if preview is not None and latents is not None else None
+            progress_bar.update_absolute(done, total, shown)
 
         result = edit(
             cached,

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .editing.images import to_unit_float
 from .errors import InputError
 
 MAX_COLUMNS = 64
@@ -136,7 +137,7 @@ def labelled_grid(
 
     layout = GridLayout(count, columns, rows, width, height, caption_height, gap)
     sheet = torch.ones((layout.height, layout.width, channels), dtype=torch.float32)
-    pixels = images.detach().to(device="cpu", dtype=torch.float32).clamp(0, 1)
+    pixels = to_unit_float(images.detach().cpu())  # 8-bit tensors too, not clamped to white
     for index in range(count):
         x, y = layout.origin(index)
         sheet[y : y + height, x : x + width] = pixels[index]

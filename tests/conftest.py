@@ -1,47 +1,34 @@
+"""The whole suite: shared fixtures, thread count, log capture, and the tiers run cheapest first.
+
+Tiers are folders: ``core/`` (no ComfyUI), ``comfyui/`` (a ComfyUI checkout in ``COMFYUI_DIR``), ``browser/``
+(that and headless Chromium). Test modules have no ``__init__.py``, so their file names are unique across tiers.
+"""
+
 import logging
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+pytest_plugins = ["support.fixtures"]
 
-import tiny_models  # noqa: E402
-
-from ip2p_nodes.pipeline_core import ModelCache, ModelSource  # noqa: E402
-from ip2p_nodes.pipeline_core.models.loading import save_single_file  # noqa: E402
+TIERS = ("core", "comfyui", "browser")
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
-@pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory) -> Path:
-    """A tiny random IP2P model in diffusers folder form."""
-    return tiny_models.save_diffusers_folder(tmp_path_factory.mktemp("models") / "tiny-ip2p")
+def pytest_collection_modifyitems(items):
+    """Core first, the browser last: a failure in a cheap tier shows before the slow ones start."""
+    here = Path(__file__).parent
 
+    def tier(item) -> int:
+        try:
+            folder = item.path.relative_to(here).parts[0]
+        except ValueError:
+            return len(TIERS)
+        return TIERS.index(folder) if folder in TIERS else len(TIERS)
 
-@pytest.fixture(scope="session")
-def tiny_single_file(tmp_path_factory, tiny_folder) -> Path:
-    """The same weights as ``tiny_folder``, as one LDM-layout .safetensors with embedded configs."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    unet = UNet2DConditionModel.from_pretrained(tiny_folder, subfolder="unet")
-    vae = AutoencoderKL.from_pretrained(tiny_folder, subfolder="vae")
-    te = CLIPTextModel.from_pretrained(tiny_folder, subfolder="text_encoder")
-    path = tmp_path_factory.mktemp("single") / "tiny-ip2p.safetensors"
-    return save_single_file((unet, vae, te), path, tokenizer_dir=tiny_folder / "tokenizer")
-
-
-@pytest.fixture
-def cache() -> ModelCache:
-    return ModelCache()
-
-
-@pytest.fixture
-def fp32_model(cache, tiny_folder):
-    return cache.get(cache.key_for(ModelSource("diffusers", str(tiny_folder)), "fp32", "cpu"))
+    items.sort(key=tier)  # stable: the order inside a tier stays as collected
 
 
 @pytest.fixture(autouse=True)

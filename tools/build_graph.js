@@ -2,6 +2,8 @@
 // Called by tools/build_workflows.py with a spec: {name, nodes: [{key, type, band, col, widgets, title, width,
 // height, properties}], links: [[srcKey, outputName, dstKey, inputName]], groups: [{title, keys, color}]}.
 // Nodes are stacked in columns (in spec order), columns in bands (rows of the layout); groups frame their nodes.
+// The pictures that Load Image nodes name must be in the input folder: the layout is made once their previews
+// have rendered, at the size the app gives a node to show its picture, so that opening the file shows it as saved.
 async (spec) => {
   await app.extensionManager.command.execute('Comfy.NewBlankWorkflow')
   const graph = app.graph
@@ -26,6 +28,26 @@ async (spec) => {
     const [w, h] = node.computeSize()
     node.setSize([Math.max(s.width ?? 0, w, node.size[0]), Math.max(s.height ?? 0, h)])
     byKey[s.key] = node
+  }
+
+  // Wait for every picture preview, then for the app to finish growing those nodes around their pictures.
+  const frame = () => new Promise((resolve) => requestAnimationFrame(() => requestAnimationFrame(resolve)))
+  const loading = Object.values(byKey).filter((n) => n.widgets?.some((w) => w.name === 'upload'))
+  const rendered = (n) => n.imgs?.length && n.imgs.every((img) => img.complete && img.naturalWidth > 0)
+  for (const deadline = Date.now() + 30000; loading.some((n) => !rendered(n)); await frame()) {
+    if (Date.now() > deadline) {
+      const missing = loading.filter((n) => !rendered(n)).map((n) => n.widgets.find((w) => w.name === 'image')?.value)
+      fail(`no preview of ${missing.join(', ')}: put the picture(s) into the server's input folder`)
+    }
+    graph.setDirtyCanvas(true, true)
+  }
+  for (let previous = '', i = 0; i < 50; i++) {
+    graph.setDirtyCanvas(true, true)
+    await frame()
+    const sizes = JSON.stringify(Object.values(byKey).map((n) => n.size))
+    if (sizes === previous) break
+    previous = sizes
+    await new Promise((resolve) => setTimeout(resolve, 200))
   }
 
   for (const [srcKey, outName, dstKey, inName] of spec.links) {

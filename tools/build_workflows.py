@@ -2,15 +2,21 @@
 
 Each graph is built in the ComfyUI web app itself (headless Chromium against a live ComfyUI with this pack,
 through the app's own LiteGraph API, as a user's clicks would) and saved with the app's *Export* command, so
-every ``.json`` is exactly what the frontend writes (UI format 0.4). The ``.jpg`` of the same name is a
-screenshot of the graph, which ComfyUI's template browser shows as the thumbnail.
+every ``.json`` is exactly what the frontend writes (UI format 0.4). The pictures the Load Image nodes name
+(ComfyUI's ``example.png``, the pack's toy sample) are in the server's input folder, and the layout is made
+once the app shows their previews, so a user opening a file sees it as saved; a layout in which nodes overlap
+or straddle a group is refused (``tests/support/workflow_layout.py``).
+
+The file names are the titles ComfyUI's Templates browser shows (``tests/support/example_workflows.py``). The
+``.jpg`` of the same name is the browser's thumbnail: a result picture where the workflow can make a real one
+here (the toy demo, run on the server with the pack's embedded model), else a screenshot of the graph.
 
 Needs ``COMFYUI_DIR`` (a ComfyUI checkout), Debian's ``chromium`` and the ``playwright`` package; it downloads
-nothing. The model files the widgets name are written with random weights by ``tests/model_files.py`` so the
-dropdowns hold them, as they would on a user's machine::
+nothing. The model files the widgets name are written with random weights by ``tests/support/model_files.py``
+so the dropdowns hold them, as they would on a user's machine::
 
     COMFYUI_DIR=/opt/comfy/ComfyUI python tools/build_workflows.py            # all
-    COMFYUI_DIR=/opt/comfy/ComfyUI python tools/build_workflows.py basic_edit # some
+    COMFYUI_DIR=/opt/comfy/ComfyUI python tools/build_workflows.py basic_edit # some, by key
 
 The specs below are the single source of the graphs: edit a spec and re-run, never the JSON by hand.
 """
@@ -18,6 +24,7 @@ The specs below are the single source of the graphs: edit a spec and re-run, nev
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sys
@@ -27,16 +34,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests"))  # the test support package, tests/support, is shared with the tests
 
-import browser_harness  # noqa: E402
-import comfy_harness  # noqa: E402
-import model_files  # noqa: E402
-import workflow_format  # noqa: E402
-from ip2p_nodes.pipeline_core.training.toy import (  # noqa: E402
+from ip2p_nodes.pipeline_core.models.assets import (  # noqa: E402
     SAMPLE_IMAGE_NAME,
     SAMPLE_INSTRUCTION,
     TOY_MODEL_CHOICE,
+)
+from support import (  # noqa: E402
+    browser_harness,
+    comfy_harness,
+    example_workflows,
+    model_files,
+    workflow_format,
+    workflow_layout,
 )
 
 log = logging.getLogger("build_workflows")
@@ -45,7 +56,8 @@ WORKFLOW_DIR = REPO / "workflows"
 PACK_ID = "ip2p-nodes"
 PACK_VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
-# Where users get the files the widgets name; the frontend offers these links when a file is missing.
+# Where users get the files the widgets name; the frontend offers these links when a file is missing, and only
+# for ``.safetensors`` / ``.sft`` files from huggingface.co or civitai.com.
 MODEL_URLS = {
     model_files.SD15_NAME: (
         "checkpoints",
@@ -54,12 +66,18 @@ MODEL_URLS = {
     ),
     model_files.CONTROLNET_NAME: (
         "controlnet",
-        "https://huggingface.co/lllyasviel/ControlNet-v1-1/resolve/main/control_v11p_sd15_canny.pth?download=true",
+        "https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/"
+        "control_v11p_sd15_canny_fp16.safetensors?download=true",
     ),
     model_files.IP2P_NAME: (
         "instructpix2pix",
         "https://huggingface.co/timbrooks/instruct-pix2pix/resolve/main/instruct-pix2pix-00-22000.safetensors"
         "?download=true",
+    ),
+    # Gated: Hugging Face asks the user to accept Stability AI's licence before the download works.
+    model_files.COSXL_NAME: (
+        "checkpoints",
+        "https://huggingface.co/stabilityai/cosxl/resolve/main/cosxl_edit.safetensors?download=true",
     ),
 }
 MODEL_WIDGETS = {
@@ -92,11 +110,17 @@ class Group:
 
 @dataclass
 class Workflow:
-    name: str
-    title: str
+    name: str  # the key in example_workflows.TITLES; the file is named by its title
     nodes: list[Node]
     links: list[tuple[str, str, str, str]]  # (source key, output name, target key, input name)
     groups: list[Group] = field(default_factory=list)
+    # The filename prefix of the Save Image whose picture becomes the thumbnail, for a workflow that makes a
+    # real result here (no download); None: a screenshot of the graph.
+    result_thumbnail: str | None = None
+
+    @property
+    def title(self) -> str:
+        return example_workflows.TITLES[self.name]
 
 
 def note(key: str, col: int, text: str, width: int = 360, height: int = 200) -> Node:
@@ -104,10 +128,10 @@ def note(key: str, col: int, text: str, width: int = 360, height: int = 200) -> 
 
 
 def ip2p_chain(col: int, instruction: str, seed: int = 42, band: int = 0, model: str = model_files.IP2P_NAME,
-               text_guidance: float = 7.5) -> list[Node]:
-    """Loader, instruction and sampler of the pack, with the paper's default guidance unless told otherwise."""
+               text_guidance: float = 7.5, scheduler: str = "euler_ancestral", **sampler_widgets) -> list[Node]:
+    """Loader, instruction and sampler of the pack, with the paper's defaults unless told otherwise."""
     nodes = [
-        Node("ip2p_model", "IP2PModelLoader", col, {"model": model, "hub_id": "", "precision": "auto"}, width=330),
+        Node("ip2p_model", "IP2PModelLoader", col, {"model": model, "hub_id": "", "precision": "auto"}, width=380),
         Node("instruction", "IP2PInstruction", col, {"instruction": instruction, "negative": ""},
              width=340, height=200),
         Node(
@@ -120,7 +144,8 @@ def ip2p_chain(col: int, instruction: str, seed: int = 42, band: int = 0, model:
                 "steps": 20,
                 "text_guidance": text_guidance,
                 "image_guidance": 1.5,
-                "scheduler": "euler_ancestral",
+                "scheduler": scheduler,
+                **sampler_widgets,
             },
         ),
     ]
@@ -138,7 +163,7 @@ IP2P_LINKS = [
 
 def txt2img_nodes(prompt: str, negative: str, col: int, seed: int) -> list[Node]:
     return [
-        Node("ckpt", "CheckpointLoaderSimple", col, {"ckpt_name": model_files.SD15_NAME}, width=330),
+        Node("ckpt", "CheckpointLoaderSimple", col, {"ckpt_name": model_files.SD15_NAME}, width=380),
         Node("positive", "CLIPTextEncode", col + 1, {"text": prompt}, title="Prompt", width=380, height=150),
         Node("negative", "CLIPTextEncode", col + 1, {"text": negative}, title="Negative prompt", width=380, height=110),
         Node("latent", "EmptyLatentImage", col + 1, {"width": 512, "height": 512, "batch_size": 1}),
@@ -156,14 +181,13 @@ def txt2img_nodes(prompt: str, negative: str, col: int, seed: int) -> list[Node]
                 "denoise": 1.0,
             },
         ),
-        Node("decode", "VAEDecode", col + 2),
+        Node("decode", "VAEDecode", col + 2, width=200),
     ]
 
 
 def basic_edit() -> Workflow:
     return Workflow(
         "basic_edit",
-        "Basic instruction edit",
         nodes=[
             Node("image", "LoadImage", 0, {"image": "example.png"}, title="Load Image (your picture)"),
             *ip2p_chain(1, "turn it into an oil painting"),
@@ -219,7 +243,7 @@ def txt2img_edit_inpaint() -> Workflow:
             title="KSampler (inpaint)",
             band=1,
         ),
-        Node("inpaint_decode", "VAEDecode", 2, band=1),
+        Node("inpaint_decode", "VAEDecode", 2, width=200, band=1),
         Node("composite", "ImageCompositeMasked", 3, {"x": 0, "y": 0, "resize_source": False},
              title="Keep the edit outside the mask", band=1),
         Node("save_inpaint", "SaveImage", 4, {"filename_prefix": "ip2p/3_inpainted"}, width=300, height=330, band=1),
@@ -276,14 +300,13 @@ def txt2img_edit_inpaint() -> Workflow:
                                                "inpaint_cond", "inpaint_sampler", "inpaint_decode", "composite",
                                                "save_inpaint"], GROUP_COLORS["inpaint"]),
     ]
-    return Workflow("txt2img_edit_inpaint", "Text to image, instruction edit, inpainting", nodes, links, groups)
+    return Workflow("txt2img_edit_inpaint", nodes, links, groups)
 
 
 def guidance_sweep() -> Workflow:
     chain = ip2p_chain(1, "make it look like a watercolor painting")
     return Workflow(
         "guidance_sweep",
-        "Guidance sweep in one labelled grid",
         nodes=[
             Node("image", "LoadImage", 0, {"image": "example.png"}, title="Load Image (your picture)"),
             *chain,
@@ -327,7 +350,6 @@ def guidance_sweep() -> Workflow:
 def batch_edit() -> Workflow:
     return Workflow(
         "batch_edit",
-        "Batch edit: several pictures, one instruction, one plan",
         nodes=[
             Node("image1", "LoadImage", 0, {"image": "example.png"}, title="Picture 1"),
             Node("image2", "LoadImage", 0, {"image": "example.png"}, title="Picture 2"),
@@ -388,7 +410,7 @@ def controlnet_edit() -> Workflow:
             col=1,
             seed=42,
         ),
-        Node("controlnet", "ControlNetLoader", 1, {"control_net_name": model_files.CONTROLNET_NAME}, width=330),
+        Node("controlnet", "ControlNetLoader", 1, {"control_net_name": model_files.CONTROLNET_NAME}, width=380),
         Node("apply", "ControlNetApplyAdvanced", 2,
              {"strength": 0.8, "start_percent": 0.0, "end_percent": 1.0}),
         Node("save_txt2img", "SaveImage", 4, {"filename_prefix": "ip2p/controlnet"}, width=300, height=330),
@@ -435,7 +457,7 @@ def controlnet_edit() -> Workflow:
         Group("2 · Instruction edit (InstructPix2Pix)", ["ip2p_model", "instruction", "edit", "save_edit"],
               GROUP_COLORS["ip2p"]),
     ]
-    return Workflow("controlnet_edit", "ControlNet text to image, then instruction edit", nodes, links, groups)
+    return Workflow("controlnet_edit", nodes, links, groups)
 
 
 def toy_demo() -> Workflow:
@@ -443,11 +465,9 @@ def toy_demo() -> Workflow:
     # over-saturates it.
     return Workflow(
         "toy_demo",
-        "Toy demo: the embedded shapes model, no download",
         nodes=[
-            # Tall enough that its picture preview shows above the note, not under it.
             Node("image", "LoadImage", 0, {"image": SAMPLE_IMAGE_NAME}, title="Load Image (toy-sample.png)",
-                 width=300, height=340),
+                 width=300),
             *ip2p_chain(1, SAMPLE_INSTRUCTION, model=TOY_MODEL_CHOICE, text_guidance=3.0),
             Node("save", "SaveImage", 3, {"filename_prefix": "ip2p/toy_edit"}, title="Save Image (32 x 32)",
                  width=260, height=300),
@@ -464,10 +484,10 @@ def toy_demo() -> Workflow:
                 "(it ships in `custom_nodes/ip2p-nodes/pipeline_core/models/`). Any 32 x 32 shapes picture works.\n\n"
                 "Try also: *make the circle green*, *turn the circle into a square*, *remove the triangle*, "
                 "*add a purple star*, *make it darker* (colours: red, green, blue, yellow, purple). It works best "
-                "at text guidance 3, image guidance 1.5. For real pictures use *basic_edit* with a real "
-                "InstructPix2Pix model.",
+                "at text guidance 3, image guidance 1.5. For real pictures use the *Basic instruction edit* template "
+                "with a real InstructPix2Pix model.",
                 width=380,
-                height=330,
+                height=260,
             ),
         ],
         links=[
@@ -477,13 +497,60 @@ def toy_demo() -> Workflow:
             ("edit", "image", "enlarge", "image"),
             ("enlarge", "IMAGE", "save_big", "images"),
         ],
+        result_thumbnail="ip2p/toy_edit",
+    )
+
+
+# CosXL Edit's own settings, as in ComfyUI's CosXL example: DualCFG 5.0 / 1.5, euler, 20 steps.
+COSXL_TEXT_GUIDANCE = 5.0
+COSXL_MASK_SIZE = 768  # example.png's size; the sampler scales a mask of another size to the picture
+
+
+def cosxl_edit() -> Workflow:
+    return Workflow(
+        "cosxl_edit",
+        nodes=[
+            Node("image", "LoadImage", 0, {"image": "example.png"}, title="Load Image (your picture)"),
+            note(
+                "note",
+                0,
+                "**CosXL Edit, masked.** Stability AI's CosXL Edit (an SDXL InstructPix2Pix model) changes the "
+                "picture by instruction, only inside the mask: here the top of the picture. Move or resize the "
+                "area in the *Mask* nodes, or paint one: right-click *Load Image* > *Open in MaskEditor* and "
+                "connect its MASK output to the sampler's mask instead.\n\n"
+                "**Model:** `cosxl_edit.safetensors` (6.9 GB) from huggingface.co/stabilityai/cosxl (accept the "
+                "licence there first), into `ComfyUI/models/checkpoints/` (or `models/instructpix2pix/`); then "
+                "press R.\n\n"
+                "CosXL's own settings: text guidance 5, image guidance 1.5, scheduler euler, 20 steps.",
+                width=380,
+                height=250,
+            ),
+            Node("mask_canvas", "SolidMask", 1,
+                 {"value": 0.0, "width": COSXL_MASK_SIZE, "height": COSXL_MASK_SIZE}, title="Mask: whole picture"),
+            Node("mask_area", "SolidMask", 1, {"value": 1.0, "width": COSXL_MASK_SIZE, "height": 300},
+                 title="Mask: area to edit"),
+            Node("mask", "MaskComposite", 1, {"x": 0, "y": 0, "operation": "add"}, title="Mask: place the area"),
+            *ip2p_chain(2, "make it a starry night sky", model=model_files.COSXL_NAME,
+                        text_guidance=COSXL_TEXT_GUIDANCE, scheduler="euler", feather=16),
+            Node("save", "SaveImage", 4, {"filename_prefix": "ip2p/cosxl_edit"}, width=360, height=400),
+        ],
+        links=[
+            *IP2P_LINKS,
+            ("image", "IMAGE", "edit", "image"),
+            ("mask_canvas", "MASK", "mask", "destination"),
+            ("mask_area", "MASK", "mask", "source"),
+            ("mask", "MASK", "edit", "mask"),
+            ("edit", "image", "save", "images"),
+        ],
+        groups=[Group("Mask: 1 = edit here", ["mask_canvas", "mask_area", "mask"], GROUP_COLORS["inpaint"])],
     )
 
 
 WORKFLOWS = {
     w.__name__: w
-    for w in (basic_edit, txt2img_edit_inpaint, guidance_sweep, batch_edit, controlnet_edit, toy_demo)
+    for w in (basic_edit, txt2img_edit_inpaint, guidance_sweep, batch_edit, controlnet_edit, toy_demo, cosxl_edit)
 }
+assert list(WORKFLOWS) == example_workflows.KEYS, "every shipped workflow has a spec and a title"
 
 
 def spec_json(workflow: Workflow, core_version: str) -> dict:
@@ -512,6 +579,58 @@ def spec_json(workflow: Workflow, core_version: str) -> dict:
 BUILD_JS = Path(__file__).with_name("build_graph.js").read_text()
 
 
+def check_layout(page, name: str) -> None:
+    """Refuse a layout in which nodes overlap or straddle a group, as the app shows it."""
+    browser_harness.wait_for_image_previews(page)
+    problems = workflow_layout.layout_problems(*workflow_layout.boxes_from_page(browser_harness.layout(page)))
+    if problems:
+        raise SystemExit(f"{name}: the layout is not clean:\n" + "\n".join(problems))
+
+
+THUMBNAIL_SIZE = 512  # px, square: the Templates browser fits each thumbnail into a square
+BACKGROUND = (32, 32, 32)
+
+
+def result_thumbnail(before: Path, after: Path, instruction: str, path: Path) -> Path:
+    """A square picture of the edit: input and result side by side, enlarged without smoothing, the instruction
+    above them."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    canvas = Image.new("RGB", (THUMBNAIL_SIZE, THUMBNAIL_SIZE), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    side, gap = 216, THUMBNAIL_SIZE - 2 * 216 - 2 * 24
+    top = (THUMBNAIL_SIZE - side) // 2 + 10
+    for x, picture in ((24, before), (24 + side + gap, after)):
+        with Image.open(picture) as image:
+            canvas.paste(image.convert("RGB").resize((side, side), Image.Resampling.NEAREST), (x, top))
+
+    def centred(text: str, y: int, size: int, fill=(235, 235, 235), x: float = THUMBNAIL_SIZE / 2) -> None:
+        font = ImageFont.load_default(size=size)
+        draw.text((x, y), text, font=font, fill=fill, anchor="mm")
+
+    centred(f"\u201c{instruction}\u201d", top // 2 + 10, 34)
+    # An arrow from input to result (drawn: Pillow's bundled font has no arrow glyph).
+    mid_x, mid_y = THUMBNAIL_SIZE / 2, top + side / 2
+    draw.line((mid_x - 10, mid_y, mid_x + 4, mid_y), fill=(235, 235, 235), width=4)
+    draw.polygon(((mid_x + 12, mid_y), (mid_x + 2, mid_y - 8), (mid_x + 2, mid_y + 8)), fill=(235, 235, 235))
+    centred("input", top + side + 30, 22, (170, 170, 170), 24 + side / 2)
+    centred("result", top + side + 30, 22, (170, 170, 170), 24 + side + gap + side / 2)
+    canvas.save(path, quality=90)
+    return path
+
+
+def run_for_thumbnail(server, workflow: dict, spec: Workflow, object_info: dict, out: Path) -> Path:
+    """Run the saved workflow as shipped and make its thumbnail from the result it saves."""
+    entry = server.run_prompt(workflow_format.to_api_prompt(workflow, object_info), timeout=600)
+    nodes = workflow["nodes"]
+    [save] = [n for n in nodes if n["type"] == "SaveImage" and n["widgets_values"][0] == spec.result_thumbnail]
+    [image] = [n for n in nodes if n["type"] == "LoadImage"]
+    [instruction] = [n for n in nodes if n["type"] == "IP2PInstruction"]
+    [result] = server.output_files(entry, str(save["id"]))
+    before = server.input_dir / image["widgets_values"][0]
+    return result_thumbnail(before, result, instruction["widgets_values"][0], out)
+
+
 def build(names: list[str], out_dir: Path) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -520,23 +639,31 @@ def build(names: list[str], out_dir: Path) -> None:
         folders = model_files.write_model_tree(tmp / "models")
         with comfy_harness.comfy_server(tmp / "comfy", {key: [path] for key, path in folders.items()}) as server:
             # The pictures the Load Image nodes name, as a user has them: ComfyUI's bundled example (the toy
-            # sample is put there by the pack itself), so the thumbnails show them.
+            # sample is put there by the pack itself). The layout is made around their previews.
             shutil.copyfile(comfy_harness.comfyui_dir() / "input" / "example.png", server.input_dir / "example.png")
             core_version = server.get_json("/system_stats")["system"]["comfyui_version"]
+            object_info = server.object_info()
             with sync_playwright() as pw:
                 browser = browser_harness.launch(pw)
                 page = browser_harness.open_app(browser, server)
                 for name in names:
-                    page.evaluate(BUILD_JS, spec_json(WORKFLOWS[name](), core_version))
-                    (out_dir / f"{name}.json").write_text(browser_harness.export_workflow(page))
-                    browser_harness.screenshot_graph(page, out_dir / f"{name}.jpg")
-                    log.info("wrote %s.json and %s.jpg", name, name)
+                    spec = WORKFLOWS[name]()
+                    page.evaluate(BUILD_JS, spec_json(spec, core_version))
+                    check_layout(page, name)
+                    text = browser_harness.export_workflow(page)
+                    (out_dir / f"{spec.title}.json").write_text(text)
+                    thumbnail = out_dir / f"{spec.title}.jpg"
+                    if spec.result_thumbnail:
+                        run_for_thumbnail(server, json.loads(text), spec, object_info, thumbnail)
+                    else:
+                        browser_harness.screenshot_graph(page, thumbnail)
+                    log.info("wrote %s.json and %s.jpg", spec.title, spec.title)
                 browser.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("names", nargs="*", help=f"workflows to rebuild (default: all of {', '.join(WORKFLOWS)})")
+    parser.add_argument("names", nargs="*", help=f"workflows to rebuild, by key (default: all: {', '.join(WORKFLOWS)})")
     parser.add_argument("--out", type=Path, default=WORKFLOW_DIR)
     args = parser.parse_args()
     unknown = set(args.names) - set(WORKFLOWS)

@@ -47,7 +47,9 @@ class Denoiser:
                 raise ValueError("a family with pooled text conditioning needs time ids")
             self.added_cond = {
                 "text_embeds": per_pass(cond.instruction_pooled, cond.negative_pooled),
-                "time_ids": time_ids.to(device, self.dtype).repeat(len(self.passes), 1),
+                # float32 whatever the UNet's dtype: the UNet embeds them in float32 (diffusers' Timesteps, ComfyUI's
+                # Timestep embedder), and bf16 would round the sizes first (1023 px -> 1024).
+                "time_ids": time_ids.to(device, torch.float32).repeat(len(self.passes), 1),
             }
         self.channels_last = self.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 

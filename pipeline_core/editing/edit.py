@@ -24,7 +24,7 @@ from ..models.cache import CachedModel
 from . import guidance, resolution
 from .conditioning import Conditioning, check_conditioning
 from .denoiser import Denoiser
-from .images import to_rgb
+from .images import to_rgb, warn_if_tiny
 from .masks import prepare_masks
 from .regions import Region, make_region
 from .sampling import sample, strength_steps
@@ -181,10 +181,15 @@ def finish(model: CachedModel, regions: list[Region], image_latents: list[torch.
 
 
 def check_images(images) -> torch.Tensor:
-    """An IMAGE batch as float RGB in 0..1, or an :class:`InputError` before any copy of a huge picture."""
+    """An IMAGE batch as float RGB in 0..1, or an :class:`InputError` before any copy of a huge picture.
+
+    Pictures below ``limits.MIN_USEFUL_SIDE`` on a side are edited, with a warning that the result means nothing.
+    """
     if isinstance(images, torch.Tensor) and images.ndim == 4:
         resolution.check_input_size(images.shape[1], images.shape[2])
-    return to_rgb(images)
+    images = to_rgb(images)
+    warn_if_tiny(images.shape[1], images.shape[2])
+    return images
 
 
 def edit(
@@ -193,8 +198,8 @@ def edit(
     images: torch.Tensor,
     plan: SeedPlan | Sequence[PlanItem],
     steps: int = 20,
-    text_guidance: float = 7.5,
-    image_guidance: float = 1.5,
+    text_guidance: float | None = None,
+    image_guidance: float | None = None,
     scheduler: str | None = "auto",
     progress: Progress | None = None,
     max_batch: int = 4,
@@ -214,6 +219,10 @@ def edit(
     Outputs are ordered image-major: all plan items of image 0, then of image 1, ... Items are run in batches
     of up to ``max_batch`` that share guidance scales; a batch's composition does not change any item.
 
+    ``text_guidance`` / ``image_guidance``: s_T and s_I of the paper's formula; None is the model family's
+    default (7.5 / 1.5 for SD1.x, 3.0 / 1.5 for SDXL-IP2P, 5.0 / 1.5 for CosXL Edit). A plan item's own values
+    win over these.
+
     ``scheduler``: a name of :data:`SCHEDULER_CHOICES`; ``"auto"`` (default) is the model's own — its diffusers
     folder's scheduler, else its family's (Euler ancestral for SD1.5, EDM Euler for CosXL).
 
@@ -231,15 +240,17 @@ def edit(
     image's own latent, noised, and run the last ``steps * denoise`` steps, so small changes stay small.
     """
     check_conditioning(model, cond)
+    c = model.components
+    default_text, default_image = c.spec.default_guidance
     settings = EditSettings(
-        steps=steps, text_guidance=text_guidance, image_guidance=image_guidance, scheduler=scheduler,
+        steps=steps, text_guidance=default_text if text_guidance is None else text_guidance,
+        image_guidance=default_image if image_guidance is None else image_guidance, scheduler=scheduler,
         max_batch=max_batch, feather=feather, denoise=denoise, working_resolution=working_resolution,
         max_side=max_side, upscale_small=upscale_small, restore_detail=restore_detail, crop_to_mask=crop_to_mask,
         crop_padding=crop_padding,
     ).checked()
     items = plan_items(plan)
     guidances = [settings.guidance_for(it) for it in items]
-    c = model.components
     scheduler_name = c.spec.resolve_scheduler(settings.scheduler, c.scheduler_config)  # bad name: fail now
     images = check_images(images)
     batch, height, width = images.shape[:3]
@@ -250,7 +261,8 @@ def edit(
     regions = make_regions(model, images, masks, settings)
     largest = max((r.size.latent[0] * r.size.latent[1] for r in regions), default=0)
     passes = max(len(guidance.required_passes(s_t, s_i)) for s_t, s_i in guidances)
-    model.ensure_loaded("unet", "vae", memory_required=unet_activation_bytes(model, largest, passes * settings.max_batch))
+    model.ensure_loaded("unet", "vae",
+                        memory_required=unet_activation_bytes(model, largest, passes * settings.max_batch))
     image_latents = [encode_images(model, r.low)[0] for r in regions]
     jobs, batches = plan_batches(regions, [tuple(z.shape) for z in image_latents], guidances, settings.max_batch)
 

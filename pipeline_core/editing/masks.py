@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .. import limits
 from ..errors import InputError
+from .images import to_unit_float
 
 MAX_FEATHER = int(limits.FEATHER.high)
 
@@ -31,15 +32,12 @@ def prepare_masks(mask: torch.Tensor | None, batch: int, height: int, width: int
         mask = mask[:, 0]
     if mask.ndim != 3 or 0 in mask.shape:
         raise InputError(f"expected a MASK [batch, height, width] or [height, width], got shape {tuple(mask.shape)}")
-    mask = mask.float()
-    if not torch.isfinite(mask).all():
-        raise InputError("the mask contains NaN or infinite values")
+    mask = to_unit_float(mask, "mask")  # 8-bit masks (0..255) too, not only 0..1 floats
     if mask.shape[0] not in (1, batch):
         raise InputError(
             f"the mask batch has {mask.shape[0]} masks but the image batch has {batch} images; give one mask "
             "(used for every image) or one mask per image"
         )
-    mask = mask.clamp(0.0, 1.0)
     if tuple(mask.shape[1:]) != (height, width):
         shrink = height < mask.shape[1] or width < mask.shape[2]
         mask = F.interpolate(mask[:, None], (height, width), mode="bilinear", align_corners=False, antialias=shrink)

@@ -132,7 +132,8 @@ def working_size(
     """The size to edit a ``height`` x ``width`` picture at.
 
     ``native``: the model's own working side (``IP2PComponents.working_resolution``; a family name gives that
-    family's default). ``resolution``: side of the square whose area the model works at (None/0: ``native``). ``max_side``: cap on the longer working side (None/0: none, beyond the hard limit).
+    family's default). ``resolution``: side of the square whose area the model works at (None/0: ``native``).
+    ``max_side``: cap on the longer working side (None/0: none, beyond the hard limit).
     ``upscale``: scale pictures smaller than the area up to it (crop-to-mask does, so a small region gets the
     model's full resolution); otherwise they are edited at their own size.
     """

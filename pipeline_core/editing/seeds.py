@@ -14,6 +14,7 @@ import torch
 
 from .. import limits
 from ..errors import InputError
+from .checks import check_int
 
 SEED_MODES = ("fixed", "increment", "random")
 MAX_SEED = int(limits.SEED.high)
@@ -52,13 +53,12 @@ class SeedPlan:
 
 
 def check_seed(seed: int) -> int:
-    seed = int(seed)
-    if not 0 <= seed <= MAX_SEED:
-        raise InputError(f"seed {seed} is out of range 0..{MAX_SEED}")
-    return seed
+    """A seed as torch's generators take it: a whole number in 0..2**64-1 (beyond that torch overflows)."""
+    return check_int(seed, "seed", limits.SEED, " — pick a seed in that range (the range of ComfyUI's seed widget)")
 
 
-def parse_values(text: str, name: str, low: float = limits.TEXT_GUIDANCE.low, high: float = limits.TEXT_GUIDANCE.high) -> tuple[float, ...]:
+def parse_values(text: str, name: str, low: float = limits.TEXT_GUIDANCE.low,
+                 high: float = limits.TEXT_GUIDANCE.high) -> tuple[float, ...]:
     """'5, 7.5, 10' -> (5.0, 7.5, 10.0); empty text -> () meaning 'use the sampler's value'."""
     values = []
     for part in text.replace(";", ",").replace("\n", ",").split(","):
@@ -68,7 +68,9 @@ def parse_values(text: str, name: str, low: float = limits.TEXT_GUIDANCE.low, hi
         try:
             v = float(part)
         except ValueError:
-            raise InputError(f"{name}: {part!r} is not a number; write values separated by commas, e.g. 5, 7.5, 10") from None
+            raise InputError(
+                f"{name}: {part!r} is not a number; write values separated by commas, e.g. 5, 7.5, 10"
+            ) from None
         if not low <= v <= high:
             raise InputError(f"{name}: {v:g} is outside the useful range {low:g}..{high:g}")
         values.append(v)
@@ -85,8 +87,9 @@ def make_plan(
     """``count`` seeds (fixed / increment / random) crossed with the guidance lists, seeds outermost."""
     if mode not in SEED_MODES:
         raise InputError(f"unknown seed mode {mode!r}; choose one of: {', '.join(SEED_MODES)}")
-    if count < 1:
-        raise InputError("the plan needs at least one seed")
+    # Checked before any list is built: a count of 10**9 must fail here, not after filling the memory.
+    count = check_int(count, "count (how many seeds)", limits.Range(1, MAX_PLAN_ITEMS, 1),
+                      f"; the plan holds at most {MAX_PLAN_ITEMS} items")
     seed = check_seed(seed)
     if mode == "fixed":
         seeds = [seed] * count
@@ -101,7 +104,10 @@ def make_plan(
         for s, t, i in itertools.product(seeds, text_guidances or (None,), image_guidances or (None,))
     ]
     if len(items) > MAX_PLAN_ITEMS:
-        raise InputError(f"the plan has {len(items)} items (seeds x text values x image values); the limit is {MAX_PLAN_ITEMS}")
+        raise InputError(
+            f"the plan has {len(items)} items (seeds x text values x image values); the limit is {MAX_PLAN_ITEMS} — "
+            "use fewer seeds or guidance values"
+        )
     return SeedPlan(tuple(items))
 
 

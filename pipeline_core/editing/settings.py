@@ -13,23 +13,8 @@ from typing import Sequence
 
 from .. import limits
 from ..errors import InputError
+from .checks import check_float, check_int
 from .seeds import PlanItem, SeedPlan, check_seed
-
-
-def check_int(value, name: str, bounds: limits.Range, hint: str = "") -> int:
-    """A whole number within ``bounds``; integral floats (20.0, as some nodes send) are taken as ints."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value != int(value):
-        raise InputError(f"{name} must be a whole number, got {value!r}{hint}")
-    value = int(value)
-    if value not in bounds:
-        raise InputError(f"{name} must be between {bounds.low:g} and {bounds.high:g}, got {value}{hint}")
-    return value
-
-
-def check_float(value, name: str, bounds: limits.Range, hint: str = "") -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value not in bounds:
-        raise InputError(f"{name} must be a number between {bounds.low:g} and {bounds.high:g}, got {value!r}{hint}")
-    return float(value)
 
 
 def check_strength(strength: float) -> float:
@@ -110,13 +95,13 @@ def plan_items(plan: SeedPlan | Sequence[PlanItem]) -> list[PlanItem]:
     """The plan's items, each with a valid seed (a seed beyond 64 bits would overflow inside torch)."""
     items = list(plan.items if isinstance(plan, SeedPlan) else plan)
     if not items:
-        raise InputError("the seed plan is empty")
+        raise InputError("the seed plan is empty; give at least one seed")
     for item in items:
         if not isinstance(item, PlanItem):
             raise InputError(f"a seed plan holds PlanItem entries, got {type(item).__name__}")
-        if isinstance(item.seed, bool) or not isinstance(item.seed, int):
-            raise InputError(f"a seed must be a whole number, got {item.seed!r}")
-        check_seed(item.seed)
     if len(items) > limits.PLAN_ITEMS:
-        raise InputError(f"the plan has {len(items)} items; the limit is {limits.PLAN_ITEMS}")
-    return items
+        raise InputError(
+            f"the plan has {len(items)} items; the limit is {limits.PLAN_ITEMS} — use fewer seeds or guidance values"
+        )
+    # An integral float seed (5.0) is taken as the int torch's generators need.
+    return [replace(item, seed=check_seed(item.seed)) for item in items]

@@ -12,8 +12,11 @@ TOY_MODEL_NAME = "toy-ip2p.safetensors"
 SAMPLE_IMAGE_NAME = "toy-sample.png"
 SAMPLE_INSTRUCTION = "make the circle red"
 # How the ComfyUI loader lists it. Not a file name (spaces, parentheses, no extension), so no file in a model
-# folder can take its place; the example workflow toy_demo.json names it.
+# folder can take its place; the example workflow "Toy demo, no download.json" names it.
 TOY_MODEL_CHOICE = "toy-ip2p (embedded demo model, shapes)"
+# What to type for it where a model is typed (the CLI's --model, the loader's hub_id). A folder named "toy" is
+# reached as ./toy.
+TOY_MODEL_ALIAS = "toy"
 # The toy model's best text guidance in the evaluation grid (7.5, the paper's default, over-saturates it);
 # image guidance stays at the paper's 1.5.
 TOY_TEXT_GUIDANCE = 3.0

@@ -3,10 +3,16 @@
 Where the modules live is delegated to a :class:`Residency`. Outside ComfyUI the default keeps them on their
 device. Inside ComfyUI the nodes install one that registers them with ComfyUI's memory manager, so "Unload
 models" and ComfyUI's own eviction reach them; the next run calls :meth:`Residency.load` and they come back.
+Eviction only moves weights to the offload device (the CPU copy stays, so a GPU user's next run needs no disk
+read); the memory itself goes when the cache drops a model (:meth:`ModelCache.evict`, :meth:`ModelCache.clear`),
+which the nodes do when ComfyUI is asked to free its memory.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import gc
 import logging
 import threading
 from collections import OrderedDict
@@ -23,6 +29,30 @@ from .precision import Precision, resolve_precision
 log = logging.getLogger(__name__)
 
 MAX_CACHED_EMBEDDINGS = 64
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc; musl, macOS and Windows have none
+    except (OSError, AttributeError):
+        return None
+
+
+def return_memory_to_os(collect: bool = True) -> None:
+    """Collect garbage, then have the C heap hand its free pages back to the OS.
+
+    glibc keeps freed memory in its arenas for reuse, and a model's weights are mostly tensors below its mmap
+    threshold (32 MB at most), so dropping a model lowers RSS by a fraction of its size, and every load/drop
+    cycle leaves more behind. Measured with the SD1.5 UNet (bf16, 2 GB with VAE and text encoder), three
+    load/drop cycles in one thread: RSS after each drop 1041, 2516, 2841 MiB without, 828, 862, 844 MiB with
+    ``malloc_trim(0)`` (start: 730); after each load 2890, 3446, 3630 MiB without, 2867 MiB each time with.
+    """
+    if collect:
+        gc.collect()  # tensors held in reference cycles (e.g. ComfyUI's patcher bookkeeping) go now, not later
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class Residency:
@@ -96,7 +126,8 @@ class CachedModel:
 Loader = Callable[[ModelSource, Precision, torch.device, torch.device], IP2PComponents]
 
 
-def _default_loader(source: ModelSource, precision: Precision, device: torch.device, place: torch.device) -> IP2PComponents:
+def _default_loader(source: ModelSource, precision: Precision, device: torch.device,
+                    place: torch.device) -> IP2PComponents:
     components = load_components(source, precision, place)
     components.device = device
     return components
@@ -130,24 +161,40 @@ class ModelCache:
             self.loads += 1
             model = CachedModel(key, components, self.residency.adopt(components), self.residency)
             self._models[key] = model
+            dropped = False
             while len(self._models) > self.max_models:
                 old_key, old = self._models.popitem(last=False)
                 log.info("ip2p: dropping %s from the model cache", old_key.describe())
                 self.residency.release(old.handle)
+                del old
+                dropped = True
+            # Loading leaves hundreds of MB of freed buffers (the file's tensors before the cast) in the heap.
+            return_memory_to_os(collect=dropped)
             return model
 
     def evict(self, key: ModelKey) -> bool:
         with self._lock:
             model = self._models.pop(key, None)
-        if model is not None:
-            self.residency.release(model.handle)
-        return model is not None
+        if model is None:
+            return False
+        self.residency.release(model.handle)
+        del model
+        return_memory_to_os()
+        return True
 
-    def clear(self) -> None:
+    def clear(self) -> list[ModelKey]:
+        """Drop every model and give its memory back to the OS; returns the keys dropped.
+
+        The next :meth:`get` of a dropped key reads the model from disk again, with the same weights.
+        """
         with self._lock:
             models, self._models = list(self._models.values()), OrderedDict()
-        for model in models:
-            self.residency.release(model.handle)
+        keys = [m.key for m in models]
+        while models:  # leaves no loop variable holding the last model
+            self.residency.release(models.pop().handle)
+        if keys:
+            return_memory_to_os()
+        return keys
 
     def __contains__(self, key: ModelKey) -> bool:
         with self._lock:

@@ -75,7 +75,8 @@ def unet_key_to_ldm(key: str, config: dict[str, Any]) -> str:
         block, kind = int(parts[1]), parts[2]
         if kind == "upsamplers":
             has_attention = "CrossAttn" in config["up_block_types"][block]
-            return f"output_blocks.{block * stride + stride - 1}.{2 if has_attention else 1}.conv." + ".".join(parts[5:])
+            conv = 2 if has_attention else 1
+            return f"output_blocks.{block * stride + stride - 1}.{conv}.conv." + ".".join(parts[5:])
         layer, rest = int(parts[3]), ".".join(parts[4:])
         index = block * stride + layer
         if kind == "resnets":
@@ -125,17 +126,31 @@ def to_ldm_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key, value in unet.state_dict().items():
         out[UNET_PREFIX + unet_key_to_ldm(key, unet.config)] = value
+    out.update(vae_to_ldm(vae))
+    out.update(clip_to_ldm(text_encoder, CLIP_PREFIX))
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def vae_to_ldm(vae, prefix: str = VAE_PREFIX) -> dict[str, torch.Tensor]:
+    """An ``AutoencoderKL`` in the LDM layout (SD1.x and SDXL files alike)."""
+    out: dict[str, torch.Tensor] = {}
     for key, value in vae.state_dict().items():
         ldm_key = vae_key_to_ldm(key, vae.config)
         if ".mid.attn_1." in ldm_key and ldm_key.endswith(".weight") and value.ndim == 2:
             value = value[:, :, None, None]  # LDM's VAE attention uses 1x1 convolutions
-        out[VAE_PREFIX + ldm_key] = value
+        out[prefix + ldm_key] = value
+    return out
+
+
+def clip_to_ldm(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
+    """A CLIP-L ``CLIPTextModel`` under ``prefix`` in transformers' own names (SD1.x; SDXL's first encoder)."""
+    out: dict[str, torch.Tensor] = {}
     for key, value in text_encoder.state_dict().items():
         if key.endswith("position_ids"):
             continue  # a derived buffer, rebuilt on load
-        # transformers 5 dropped the "text_model." level of CLIPTextModel; SD1.x files always have it.
-        out[CLIP_PREFIX + (key if key.startswith("text_model.") else "text_model." + key)] = value
-    return {k: v.detach().contiguous() for k, v in out.items()}
+        # transformers 5 dropped the "text_model." level of CLIPTextModel; single files always have it.
+        out[prefix + (key if key.startswith("text_model.") else "text_model." + key)] = value
+    return out
 
 
 def match_text_encoder_keys(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ do, because "size mismatch for conv_in.weight" helps nobody.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ import torch
 
 from ..errors import ModelLoadError
 from . import families, ldm_format
+from .assets import TOY_MODEL_ALIAS, toy_model_path
 from .components import IP2PComponents
+
 # CONFIG_DIR, ENV_TOKENIZER_DIR and find_tokenizer_dir are part of this module's interface (the nodes and
 # scripts use them); they live with the families, which read them.
 from .families.base import CONFIG_DIR, ENV_TOKENIZER_DIR, find_tokenizer_dir, read_json  # noqa: F401
@@ -43,18 +46,59 @@ class ModelSource:
 
     @classmethod
     def from_path(cls, location: str, tokenizer_dir: str | None = None) -> "ModelSource":
-        """Guess the kind: an existing folder or file, else something that looks like ``owner/name``."""
+        """What the user typed as a model: ``toy``, an existing folder or file, or a Hugging Face id.
+
+        Only a plain ``owner/name`` that is not a plausible local path is taken for a Hub id (the one way a
+        download can start): a mistyped ``models/x`` or ``./ckpt/model.safetensors`` is reported as a missing
+        local path instead of being looked up on the Hub.
+        """
+        if not isinstance(location, str) or not location.strip():
+            raise ModelLoadError(f"no model given; {_MODEL_FORMS}")
+        location = location.strip()
+        if location == TOY_MODEL_ALIAS:
+            return cls("single_file", str(toy_model_path()))
         path = Path(location).expanduser()
         if path.is_dir():
             return cls("diffusers", str(path.resolve()), tokenizer_dir)
         if path.is_file():
             return cls("single_file", str(path.resolve()), tokenizer_dir)
-        if location.count("/") == 1 and not location.startswith((".", "/", "~")) and not path.suffix:
+        why_local = _why_local_path(location)
+        if why_local is None:
             return cls("hub", location, tokenizer_dir)
         raise ModelLoadError(
-            f"{location}: no such file or folder. Give a diffusers model folder (with model_index.json), a "
-            f"single-file checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)}), or a Hugging Face id like owner/name."
+            f"{location}: no such file or folder ({path.resolve()} does not exist; {why_local}, so it was not looked "
+            f"up on the Hugging Face Hub). Check the path; {_MODEL_FORMS}"
         )
+
+
+_MODEL_FORMS = (
+    "give a diffusers model folder (with model_index.json), a single-file checkpoint "
+    f"({', '.join(SINGLE_FILE_SUFFIXES)}), '{TOY_MODEL_ALIAS}' for the shipped demo model, or a Hugging Face id "
+    "like owner/name"
+)
+# Hugging Face's own rule for repo ids (huggingface_hub.utils.validate_repo_id), with the owner required.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
+# Folder names of a ComfyUI tree: "models/x" is a path even run from elsewhere. Not "diffusers": that is also
+# the Hub owner of real IP2P models (diffusers/sdxl-instructpix2pix-768).
+_LOCAL_FOLDER_NAMES = {"models", "checkpoints", "input", "output", "custom_nodes"}
+
+
+def _why_local_path(location: str) -> str | None:
+    """Why ``location`` must be a local path and not a Hub id, or None where it may be a Hub id."""
+    if location.startswith((".", "/", "~")) or "\\" in location or ":" in location:
+        return "it is written as a path"
+    if location.count("/") != 1:
+        return "a Hugging Face id has exactly one '/' (owner/name)"
+    if Path(location).suffix.lower() in SINGLE_FILE_SUFFIXES:
+        return "it names a checkpoint file"
+    owner = location.split("/")[0]
+    if Path(owner).is_dir():
+        return f"'{owner}/' is a folder here"
+    if owner.lower() in _LOCAL_FOLDER_NAMES:
+        return f"'{owner}/' is a ComfyUI folder name"
+    if not _HUB_ID.fullmatch(location) or ".." in location or "--" in location or location.endswith(".git"):
+        return "it is not a valid Hugging Face id"
+    return None
 
 
 def check_unet_channels(in_channels: int, where: str) -> None:
@@ -95,7 +139,8 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     return obj, None
 
 
-def load_diffusers_folder(path: Path, precision: Precision, device: torch.device, source: ModelSource) -> IP2PComponents:
+def load_diffusers_folder(path: Path, precision: Precision, device: torch.device,
+                          source: ModelSource) -> IP2PComponents:
     index = read_json(path / "model_index.json")
     unet_config = read_json(path / "unet" / "config.json")
     check_unet_channels(int(unet_config.get("in_channels", 4)), f"{path.name}/unet")
@@ -125,7 +170,8 @@ def download_hub_model(repo_id: str) -> Path:
     """The one place the pack touches the network, and only for an id the user typed."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*", "*.safetensors"]
+    # tokenizer_2: SDXL-based models (CLIP-G pads differently from CLIP-L)
+    patterns = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*", "*.safetensors"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
     except Exception:
@@ -134,9 +180,10 @@ def download_hub_model(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:
         raise ModelLoadError(
-            f"{repo_id}: could not be downloaded ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}). Offline? Copy the model "
-            "folder (with model_index.json) into ComfyUI/models/diffusers/, or the single-file checkpoint into "
-            "ComfyUI/models/instructpix2pix/, and pick it in the loader instead of typing an id"
+            f"{repo_id}: could not be downloaded ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}). "
+            "Offline? Copy the model folder (with model_index.json) into ComfyUI/models/diffusers/, or the "
+            "single-file checkpoint into ComfyUI/models/instructpix2pix/, and pick it in the loader instead of typing "
+            f"an id. If you meant a local path: {Path(repo_id).resolve()} does not exist either"
         ) from exc
 
 

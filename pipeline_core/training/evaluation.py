@@ -10,8 +10,8 @@ text and image guidance scales. The synthetic world knows the exact answer, so w
 - all of it over a grid of text guidance x image guidance (:func:`guidance_table`).
 
 Every edit goes through the real path: :class:`cache.ModelCache` (loader) -> :func:`encode_instruction` ->
-:func:`..editing.edit.edit` (dual guidance). ``python -m ip2p_nodes.pipeline_core.training.evaluation`` prints the report for
-the shipped toy model, or for ``--model PATH``.
+:func:`..editing.edit.edit` (dual guidance). ``python -m ip2p_nodes.pipeline_core.training.evaluation`` prints
+the report for the shipped toy model, or for ``--model PATH``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,10 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     y = torch.from_numpy(np.ascontiguousarray(b)).permute(2, 0, 1)[:, None].double()
     g = torch.exp(-((torch.arange(11) - 5.0) ** 2) / (2 * 1.5**2)).double()
     w = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None]
-    blur = lambda t: F.conv2d(F.pad(t, (5, 5, 5, 5), mode="reflect"), w)
+
+    def blur(t):
+        return F.conv2d(F.pad(t, (5, 5, 5, 5), mode="reflect"), w)
+
     mx, my = blur(x), blur(y)
     vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
     c1, c2 = 0.01**2, 0.03**2

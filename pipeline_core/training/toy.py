@@ -1,13 +1,13 @@
 """The pack's embedded toy InstructPix2Pix model: its architecture, its tokenizer, and the recipe that trains it.
 
-The model edits the 32 x 32 pictures of :mod:`synthetic` ("make the circle red", "remove the star", ...). It
+The model edits the 32 x 32 pictures of :mod:`.synthetic` ("make the circle red", "remove the star", ...). It
 has the same parts as SD1.5-IP2P, only tiny, so it runs through exactly the same loader, conditioner and
 sampler as a real checkpoint:
 
 - a VAE with scale factor 4 (32 x 32 x 3 -> 8 x 8 x 4), trained first on synthetic pictures;
 - a 2-layer CLIP text encoder over a word-level vocabulary: the 256 byte symbols (so any text tokenizes) plus
   BPE merges that make every word of the synthetic world one token;
-- an 8-channel UNet (~1 M parameters) with cross-attention, trained with :mod:`training` like the paper's.
+- an 8-channel UNet (~1 M parameters) with cross-attention, trained with :mod:`.trainer` like the paper's.
 
 ``build_toy`` is the whole recipe; ``python -m ip2p_nodes.pipeline_core.training toy --out DIR`` runs it.
 Every stage is saved in ``DIR``, so a cut-off run continues where it stopped when started again.
@@ -34,7 +34,7 @@ from ..models.assets import (  # noqa: F401  (re-exported: the recipe's names fo
 )
 from ..models.families.base import CONFIG_DIR
 from . import synthetic
-from .byte_tokenizer import byte_symbols, write_byte_level_tokenizer
+from .byte_tokenizer import write_byte_level_tokenizer
 from .trainer import (
     CHECKPOINT_NAME,
     LatentDataset,
@@ -299,7 +299,7 @@ def sample_scene() -> synthetic.Scene:
 def sample_triplet() -> synthetic.Triplet:
     """The sample scene, :data:`SAMPLE_INSTRUCTION` and its exactly correct edit (the circle turned red).
 
-    For :func:`evaluation.rule_check` of what the demo and the ``toy_demo`` workflow make of the sample.
+    For :func:`evaluation.rule_check` of what the demo and the "Toy demo, no download" workflow make of the sample.
     """
     from dataclasses import replace
 

@@ -21,14 +21,13 @@ fine-tunes; ``... training toy --out DIR`` trains the embedded toy model from no
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -347,8 +346,11 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(config.seed)
 
         max_tokens = int(text_encoder.config.max_position_embeddings)
-        tok = lambda texts: tokenizer(texts, padding="max_length", max_length=max_tokens, truncation=True,
-                                      return_tensors="pt").input_ids
+
+        def tok(texts):
+            return tokenizer(texts, padding="max_length", max_length=max_tokens, truncation=True,
+                             return_tensors="pt").input_ids
+
         # Tokenised once: the dataset's instructions, and "" for examples whose text is dropped (the sampler
         # encodes an empty negative prompt the same way, so dropped text is what e_I and e_U see).
         self.tokens = tok(list(data.instructions))

@@ -12,9 +12,12 @@ import torch
 
 from ...errors import ModelLoadError
 from .base import Family, TextEncoding, checkpoint_facts, describe_facts
+from .cosxl import CosXLFamily
 from .sd15 import SD15Family
+from .sdxl import SDXLFamily
 
-FAMILIES: tuple[Family, ...] = (SD15Family(),)
+# Most specific first: a CosXL Edit file is an SDXL-IP2P file plus its edm_vpred.* keys.
+FAMILIES: tuple[Family, ...] = (CosXLFamily(), SDXLFamily(), SD15Family())
 _BY_NAME = {f.name: f for f in FAMILIES}
 
 

@@ -102,11 +102,32 @@ def single_file_tokenizer(path: Path, embedded: dict[str, str] | None, tokenizer
 
 
 def place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    # Cast only when needed: diffusers warns on every dtype cast, even a no-op one, which would put a
-    # meaningless warning in every user's log on every load.
+    """Cast ``module`` to ``dtype`` (keeping the modules its class lists as fp32-only in fp32) on ``device``."""
     if next(module.parameters()).dtype != dtype:
-        module.to(dtype=dtype)
+        # diffusers' ModelMixin.to() warns "modules ... should be kept in float32: []" on every dtype cast, even
+        # when its class keeps none (its list defaults to [] and the check is `is not None`). Doing what that
+        # warning asks for -- keep the listed modules in fp32, cast the rest -- with torch's own Module.to()
+        # leaves nothing to warn about. Our models are never quantized, the other case that override handles.
+        torch.nn.Module.to(module, dtype=dtype)
+        keep = getattr(module, "_keep_in_fp32_modules", None) or []
+        if keep:
+            for name, sub in module.named_modules():
+                if any(k in name.split(".") for k in keep):
+                    torch.nn.Module.to(sub, dtype=torch.float32)
     module.to(device=device).eval().requires_grad_(False)
+
+
+def diffusers_load_kwargs(dtype: torch.dtype) -> dict[str, Any]:
+    """Arguments for a diffusers model's ``from_pretrained`` on a local folder (transformers takes others).
+
+    ``torch_dtype`` builds the weights in their final dtype (no fp32 copy to cast later). ``low_cpu_mem_usage``
+    (meta-device init) is asked for only where ``accelerate``, which implements it in diffusers, is installed:
+    diffusers' default asks for it always and, without accelerate, warns on every load and falls back to what
+    ``False`` does anyway (skip the random init, then copy the weights in).
+    """
+    from diffusers.utils import is_accelerate_available
+
+    return {"local_files_only": True, "torch_dtype": dtype, "low_cpu_mem_usage": is_accelerate_available()}
 
 
 def fix_position_ids(text_encoder) -> None:

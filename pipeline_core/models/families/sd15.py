@@ -19,6 +19,7 @@ from .base import (
     Family,
     TextEncoding,
     check_tokenizer,
+    diffusers_load_kwargs,
     fix_position_ids,
     read_json,
     single_file_tokenizer,
@@ -55,8 +56,9 @@ class SD15Family(Family):
         scheduler_config = read_json(path / "scheduler" / "scheduler_config.json")
         try:
             modules = {
-                "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True),
-                "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True),
+                "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet",
+                                                             **diffusers_load_kwargs(precision.unet)),
+                "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", **diffusers_load_kwargs(precision.vae)),
                 "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True),
                 "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True),
             }

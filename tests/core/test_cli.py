@@ -1,0 +1,78 @@
+"""The command-line edit: one command from an image file to an edited file of the same size."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ip2p_nodes.pipeline_core import cli
+
+
+@pytest.fixture
+def photo(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "in.png"
+    Image.fromarray(rng.integers(0, 255, (45, 61, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_cli_edit_writes_an_image_of_the_input_size(tmp_path, photo, tiny_single_file):
+    out = tmp_path / "out.png"
+    rc = cli.main(["edit", str(photo), "make it winter", "-o", str(out), "--model", str(tiny_single_file),
+                   "--steps", "2", "--precision", "fp32", "--seed", "7"])
+    assert rc == 0
+    with Image.open(out) as im:
+        assert im.size == (61, 45)
+
+
+def test_cli_count_writes_one_file_per_seed(tmp_path, photo, tiny_folder):
+    out = tmp_path / "v.png"
+    rc = cli.main(["edit", str(photo), "make it winter", "-o", str(out), "--model", str(tiny_folder),
+                   "--steps", "1", "--precision", "fp32", "--count", "2"])
+    assert rc == 0
+    a, b = (np.asarray(Image.open(tmp_path / f"v_{i}.png")) for i in (0, 1))
+    assert a.shape == b.shape == (45, 61, 3) and not np.array_equal(a, b)
+
+
+def test_cli_reports_a_wrong_model_as_an_error_not_a_traceback(tmp_path, photo, caplog):
+    rc = cli.main(["edit", str(photo), "x", "-o", str(tmp_path / "o.png"),
+                   "--model", str(tmp_path / "missing.safetensors")])
+    assert rc == 2
+    assert "missing.safetensors: no such file or folder" in caplog.text and "Check the path" in caplog.text
+
+
+def test_cli_reports_an_unreadable_image(tmp_path, tiny_folder, caplog):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    rc = cli.main(["edit", str(bad), "x", "-o", str(tmp_path / "o.png"), "--model", str(tiny_folder)])
+    assert rc == 2
+    assert "bad.png: cannot be read as an image" in caplog.text and "give a PNG, JPEG or WebP picture" in caplog.text
+
+
+def test_cli_mask_keeps_everything_outside_it_exactly(tmp_path, photo, tiny_folder):
+    mask = np.zeros((45, 61), dtype=np.uint8)
+    mask[10:30, 20:50] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    out = tmp_path / "o.png"
+    rc = cli.main(["edit", str(photo), "make it red", "-o", str(out), "--model", str(tiny_folder), "--steps", "2",
+                   "--precision", "fp32", "--mask", str(tmp_path / "mask.png"), "--denoise", "0.8"])
+    assert rc == 0
+    src, res = np.asarray(Image.open(photo)), np.asarray(Image.open(out))
+    outside = mask == 0
+    assert np.array_equal(src[outside], res[outside])
+    assert not np.array_equal(src[~outside], res[~outside])
+
+
+def test_cli_demo_edits_the_shipped_sample_with_no_download(tmp_path, monkeypatch):
+    import socket
+
+    def refuse(*a, **k):
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    out = tmp_path / "demo.png"
+    assert cli.main(["demo", "-o", str(out), "--instruction", "make the circle red"]) == 0
+    pair = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    h, w, _ = pair.shape
+    before, after = pair[:, : w // 2], pair[:, w // 2 :]
+    red = lambda im: ((im[..., 0] > 180) & (im[..., 1] < 90) & (im[..., 2] < 90)).sum()  # noqa: E731
+    assert red(after) > red(before) + 100  # the sample's circle is blue; the edit makes it red

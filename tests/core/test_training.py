@@ -1,0 +1,196 @@
+"""The trainer: it learns, it resumes exactly, LoRA comes off cleanly, and what it saves our loader reads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ip2p_nodes.pipeline_core import ModelCache, ModelSource
+from ip2p_nodes.pipeline_core.errors import InputError
+from ip2p_nodes.pipeline_core.training.trainer import (
+    TrainConfig,
+    Trainer,
+    encode_dataset,
+    read_data,
+    read_folder,
+    read_manifest,
+    remove_lora,
+    save_model,
+    synthetic_records,
+)
+from support import tiny_models
+
+
+def _parts(tmp_path):
+    """A tiny random IP2P model and 8 synthetic triplets at 32 px (4 x 4 latents): a step takes milliseconds."""
+    unet, vae, text_encoder, tokenizer = tiny_models.make_components(seed=0, tokenizer_dir=tmp_path / "tok")
+    data = encode_dataset(vae, synthetic_records(8, seed=0), progress=False)
+    return unet, vae, text_encoder, tokenizer, data
+
+
+def _trainer(tmp_path, parts=None, **overrides) -> Trainer:
+    unet, vae, text_encoder, tokenizer, data = parts or _parts(tmp_path)
+    config = TrainConfig(**{"steps": 20, "batch_size": 4, "learning_rate": 1e-3, "mixed_precision": "no",
+                            "checkpoint_every": 1000, **overrides})
+    trainer = Trainer(unet, text_encoder, tokenizer, tiny_models.SCHEDULER_CONFIG, data, config)
+    trainer.vae = vae
+    return trainer
+
+
+def test_a_few_training_steps_lower_the_loss_on_a_fixed_batch(tmp_path):
+    trainer = _trainer(tmp_path, steps=15, learning_rate=3e-3)
+    fixed = trainer.draw(batch_size=8)  # same examples, noise, timesteps and dropout before and after
+
+    with torch.no_grad():
+        before = trainer.loss_on(*fixed).item()
+    trainer.train(progress=False)
+    with torch.no_grad():
+        after = trainer.loss_on(*fixed).item()
+
+    assert after < 0.8 * before, (before, after)
+
+
+def test_resumed_training_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    settings = dict(steps=6, ema_decay=0.9, text_encoder_lr=5e-4, warmup_steps=2, cosine_decay=True)
+    straight = _trainer(tmp_path / "a", **settings)
+    straight.train(progress=False)
+
+    first = _trainer(tmp_path / "b", **settings)
+    first.train(tmp_path / "ckpt", progress=False, steps=3)
+    assert first.state.step == 3
+    resumed = _trainer(tmp_path / "c", **settings)  # a fresh process: new modules, new optimizer
+    resumed.load_checkpoint(tmp_path / "ckpt")
+    resumed.train(tmp_path / "ckpt", progress=False)
+
+    assert resumed.state.step == 6
+    a, b = straight.trainable(), resumed.trainable()
+    assert set(a) == set(b) and any(k.startswith("text_encoder.") for k in a)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    for name in straight.ema.shadow:
+        assert torch.equal(straight.ema.shadow[name], resumed.ema.shadow[name]), name
+    assert straight.state.losses == resumed.state.losses
+
+
+def test_a_checkpoint_from_other_settings_is_refused_with_the_reason(tmp_path):
+    first = _trainer(tmp_path / "a", steps=2)
+    first.train(tmp_path / "ckpt", progress=False)
+    other = _trainer(tmp_path / "b", steps=2, learning_rate=5e-4)
+    with pytest.raises(InputError, match="learning_rate"):
+        other.load_checkpoint(tmp_path / "ckpt")
+
+
+def _unet_output(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 8, 4, 4, generator=g)
+    text = torch.randn(2, 7, 32, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([10, 500]), encoder_hidden_states=text).sample
+
+
+def test_lora_trained_then_removed_restores_the_base_output_exactly(tmp_path):
+    parts = _parts(tmp_path)
+    unet = parts[0]
+    base_out = _unet_output(unet)
+    base_weights = {k: v.clone() for k, v in unet.state_dict().items()}
+
+    trainer = _trainer(tmp_path, parts, steps=10, lora_rank=4, learning_rate=1e-2)
+    trained = [n for n, p in unet.named_parameters() if p.requires_grad]
+    assert trained and all(n.endswith((".down.weight", ".up.weight")) for n in trained)
+    trainer.train(progress=False)
+    assert (_unet_output(unet) - base_out).abs().max() > 1e-3, "LoRA training changed nothing"
+
+    assert remove_lora(unet) == len(trained) // 2
+    assert torch.equal(_unet_output(unet), base_out)
+    assert unet.state_dict().keys() == base_weights.keys()
+    assert all(torch.equal(v, base_weights[k]) for k, v in unet.state_dict().items())
+
+
+def test_lora_merged_into_the_weights_gives_the_lora_output(tmp_path):
+    parts = _parts(tmp_path)
+    trainer = _trainer(tmp_path, parts, steps=5, lora_rank=4, learning_rate=1e-2)
+    trainer.train(progress=False)
+    with_lora = _unet_output(parts[0])
+    merged, _ = trainer.final_modules()
+    assert not any(".down." in k for k in merged.state_dict())
+    torch.testing.assert_close(_unet_output(merged), with_lora, atol=1e-5, rtol=1e-5)
+
+
+def test_a_trained_model_saves_as_a_single_file_and_a_folder_that_the_loader_reads(tmp_path):
+    parts = _parts(tmp_path)
+    trainer = _trainer(tmp_path, parts, steps=3, ema_decay=0.5)
+    trainer.train(progress=False)
+    unet, text_encoder = trainer.final_modules()
+    folder, single = save_model(tmp_path / "out", unet, parts[1], text_encoder, parts[3], tiny_models.SCHEDULER_CONFIG)
+
+    cache = ModelCache()
+    for source in (ModelSource("single_file", str(single)), ModelSource("diffusers", str(folder))):
+        loaded = cache.get(cache.key_for(source, "fp32", "cpu")).components
+        assert torch.equal(_unet_output(loaded.unet), _unet_output(unet)), source.kind
+        ids = loaded.tokenizer("make the circle red").input_ids
+        assert ids == parts[3]("make the circle red").input_ids
+    # EMA weights (not the last step's) are what was saved.
+    ema_value = trainer.ema.shadow["unet.conv_in.weight"]
+    assert torch.equal(unet.conv_in.weight, ema_value)
+    assert not torch.equal(trainer.unet.conv_in.weight, ema_value)
+
+
+def test_triplets_are_read_from_a_folder_a_manifest_and_the_synthetic_world(tmp_path):
+    from ip2p_nodes.pipeline_core.training import synthetic
+
+    manifest = synthetic.export(tmp_path / "data", 3)
+    from_folder = read_folder(tmp_path / "data")
+    from_manifest = read_manifest(manifest)
+    assert [r.instruction for r in from_folder] == [r.instruction for r in from_manifest]
+    assert [r.instruction for r in from_folder] == [t.instruction for t in synthetic.triplets(3)]
+    assert len(read_data("synthetic:5")) == 5
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for i, r in enumerate(from_folder):
+        (plain / f"ex{i}_input.png").write_bytes(r.input.read_bytes())
+        (plain / f"ex{i}_edited.png").write_bytes(r.edited.read_bytes())
+        (plain / f"ex{i}.txt").write_text(r.instruction + "\n")
+    assert [r.instruction for r in read_folder(plain)] == [r.instruction for r in from_folder]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"input": "a.png", "instruction": "x"}) + "\n")
+    with pytest.raises(InputError, match="bad.jsonl:1"):
+        read_manifest(bad)
+    (plain / "ex0.txt").unlink()
+    with pytest.raises(InputError, match="ex0.txt"):
+        read_folder(plain)
+
+
+def test_fine_tuning_from_the_command_line_resumes_and_writes_a_model_the_loader_reads(tmp_path, tiny_folder, caplog):
+    from ip2p_nodes.pipeline_core.training.cli import main
+    from ip2p_nodes.pipeline_core.training.trainer import CHECKPOINT_NAME
+
+    args = ["train", "--model", str(tiny_folder), "--data", "synthetic:8", "--out", str(tmp_path / "run"),
+            "--batch-size", "4", "--lora-rank", "2", "--precision", "no", "--checkpoint-every", "1"]
+    assert main(args + ["--steps", "2"]) == 0
+    assert main(args + ["--steps", "4"]) == 0  # the same command, more steps: continues from step 2
+    assert "at step 2" in caplog.text
+    state = torch.load(str(tmp_path / "run" / "checkpoints" / CHECKPOINT_NAME), weights_only=True)
+    assert state["step"] == 4 and len(state["losses"]) == 4
+    assert (tmp_path / "run" / "lora.safetensors").is_file()
+    cache = ModelCache()
+    single = ModelSource("single_file", str(tmp_path / "run" / "model.safetensors"))
+    model = cache.get(cache.key_for(single, "fp32", "cpu"))
+    assert model.components.unet.config.in_channels == 8
+
+    missing = ["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]
+    assert main(["train", "--model", str(tiny_folder)] + missing) == 2
+    assert "no such data folder" in caplog.text
+
+
+def test_the_toy_command_trains_with_exactly_the_shipped_recipe():
+    from ip2p_nodes.pipeline_core.training import toy
+    from ip2p_nodes.pipeline_core.training.cli import build_parser, parse_config
+
+    args = build_parser().parse_args(["toy", "--out", "x"])
+    assert parse_config(args) == toy.recipe_config()
+    assert args.vae_steps == toy.RECIPE["vae_steps"] and args.triplets == toy.RECIPE["triplets"]
+    assert parse_config(build_parser().parse_args(["toy", "--out", "x", "--steps", "5"])).steps == 5
