@@ -12,6 +12,8 @@ anything, the tests write files of the same architectures with random weights un
 - ``instruct-pix2pix-00-22000.safetensors``: the tiny SD1.5-shaped InstructPix2Pix model of
   :mod:`tiny_models` as one LDM-layout file (with its configs and vocabulary in the metadata), which the
   pack's loader reads. The pack only ever sees its own loader's output, so its cost stays small.
+- full size, written by the pack's own ``save_single_file`` for the native parity tests: an SD1.5
+  InstructPix2Pix file (:func:`write_full_size_ip2p_checkpoint`, 2 GB).
 - ``cosxl_edit.safetensors``: a name only (an empty file), so the loader lists it and a workflow naming it
   builds and validates; nothing can run on it. The CosXL family writes a real-architecture file in its place.
 
@@ -139,6 +141,28 @@ def write_ip2p_checkpoint(path: Path, seed: int = 0) -> Path:
     tokenizer_dir = path.parent / f".{path.stem}-tokenizer"
     unet, vae, text_encoder, _ = tiny_models.make_components(seed, tokenizer_dir=tokenizer_dir)
     return save_single_file((unet, vae, text_encoder), path, tokenizer_dir=tokenizer_dir)
+
+
+def write_full_size_ip2p_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A full-size SD1.5 InstructPix2Pix checkpoint (8-channel UNet, VAE, CLIP-L; random fp16 weights).
+
+    Written by the pack's own ``save_single_file``, so it is the layout a user gets from the pack, and full
+    size, because ComfyUI recognises SD1.5 IP2P by the UNet's shapes. About 2 GB; ~15 s on two cores. It
+    carries no tokenizer: both loaders use ComfyUI's bundled SD1 tokenizer, as with a real downloaded file.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ip2p_nodes.pipeline_core.models.loading import save_single_file
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(_config("unet"))
+        vae = AutoencoderKL.from_config(_config("vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**_config("text_encoder")))
+    assert unet.config.in_channels == 8
+    modules = [_materialize_random(m, generator) for m in (unet, vae, text_encoder)]
+    return save_single_file(tuple(modules), path, family="sd15")
 
 
 def write_cosxl_checkpoint(path: Path, seed: int = 3) -> Path:
