@@ -71,3 +71,18 @@ def test_the_demo_edits_the_shipped_sample_offline_and_does_what_it_says(tmp_pat
                               before, after, after.shapes[0])
     ok, why = rule_check(truth, result.output[0].numpy())
     assert ok, why
+
+
+def test_a_real_size_picture_is_edited_at_the_toy_models_own_32px_area_and_comes_back_at_its_size(toy_model):
+    """'0 = the model's own' means the model's own: the toy model stores 32² (its UNet's sample size), so a
+    photo-sized picture is not edited at SD1.5's 512² (minutes per step on a CPU for a model that knows 32 px)."""
+    from ip2p_nodes.pipeline_core import SeedPlan, edit, encode_instruction
+    from ip2p_nodes.pipeline_core.editing.resolution import working_size
+
+    assert toy_model.components.working_resolution == 32
+    picture = torch.rand(1, 300, 400, 3, generator=torch.Generator().manual_seed(0))
+    out = edit(toy_model, encode_instruction(toy_model, "make the circle red"), picture, SeedPlan.single(0), steps=1)
+    assert out.images.shape == (1, 300, 400, 3)
+    expected = working_size(300, 400, 32, multiple=toy_model.components.vae_scale_factor)
+    assert expected.content == (28, 37)
+    assert tuple(out.latents.shape[-2:]) == expected.latent
