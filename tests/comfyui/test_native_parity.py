@@ -16,7 +16,17 @@ gives it a zero image latent), that is ``e_U + cfg2 (e_I - e_U) + cfg1 (e_T - e_
 guidance s_T and cfg_cond2_negative the image guidance s_I**. ComfyUI combines x0 predictions, we combine noise
 predictions; the weights sum to 1, so the two agree (x0 = x - sigma * eps, linearly).
 
-The files are 2 GB (SD1.5); they are written once per module and deleted at its end. Everything runs in fp32 on
+For SDXL-IP2P and CosXL Edit the same one-sigma check runs on a *tiny* SDXL-shaped file written by our
+``save_single_file`` (a real-size SDXL pair would need ~15 GB of RAM in fp32 on both sides): ComfyUI recognises
+SDXL only by the real UNet's shapes, so its model is built the way ``load_state_dict_guess_config`` builds it,
+with the ``SDXL_instructpix2pix`` model config named instead of detected (detection of the real-size layout is
+``test_ldm_sdxl_comfyui.py``'s job). Everything after that is ComfyUI's own: reading ``edm_vpred.*`` into EDM
+v-prediction, the UNet, the concat latent and its family scaling (CosXL scales it, SDXL-IP2P does not),
+SDXL's pooled text and size embedding, the guider and the model sampling's input/output scaling. ComfyUI's
+VAE and CLIP classes only build the real architectures, so the picture latent and text embeddings going into
+the native nodes are ours (the same tensors both sides see).
+
+The SD1.5 files are 2 GB; they are written once per module and deleted at its end. Everything runs in fp32 on
 the CPU, with tiny latents (one UNet call per side per check), so the module takes well under a minute.
 """
 
@@ -31,12 +41,17 @@ import time
 import pytest
 import torch
 
-from support import comfy_harness, model_files
+from support import comfy_harness, model_files, tiny_sdxl
 
 comfy_harness.import_comfyui()  # skips this module, saying why, without COMFYUI_DIR
 
+import comfy.model_base  # noqa: E402
+import comfy.model_detection  # noqa: E402
 import comfy.model_management as mm  # noqa: E402
+import comfy.model_patcher  # noqa: E402
 import comfy.samplers  # noqa: E402
+import comfy.supported_models  # noqa: E402
+import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
 from comfy_extras.nodes_custom_sampler import DualCFGGuider  # noqa: E402
 from comfy_extras.nodes_ip2p import InstructPixToPixConditioning  # noqa: E402
@@ -46,7 +61,15 @@ from ip2p_nodes.nodes import extension  # noqa: E402
 from ip2p_nodes.nodes.instruction import IP2PInstruction  # noqa: E402
 from ip2p_nodes.nodes.loader import IP2PModelLoader, cached_model  # noqa: E402
 from ip2p_nodes.nodes.sampler import IP2PSampler  # noqa: E402
-from ip2p_nodes.pipeline_core import MODEL_CACHE, dual_guidance, encode_images  # noqa: E402
+from ip2p_nodes.pipeline_core import (  # noqa: E402
+    MODEL_CACHE,
+    ModelCache,
+    ModelSource,
+    dual_guidance,
+    encode_images,
+    encode_instruction,
+    save_single_file,
+)
 from ip2p_nodes.pipeline_core.editing.denoiser import Denoiser  # noqa: E402
 
 pytestmark = pytest.mark.comfyui
@@ -211,3 +234,122 @@ def test_native_vae_decode_of_our_latent_is_our_image(sd15):
     log.info("SD1.5 native VAEDecode(our LATENT) vs our IMAGE: max diff %.2e (IMAGE std %.3f)", err, image.std())
     assert decoded.shape == image.shape
     assert err < 1e-3
+
+
+# -- SDXL-IP2P and CosXL Edit -----------------------------------------------------------------------------------
+
+UNET_PREFIX = "model.diffusion_model."
+
+
+class OurVAE:
+    """The one method of ComfyUI's VAE that ``InstructPixToPixConditioning`` calls, done by our VAE: ComfyUI's VAE
+    class only builds the full-size architecture. Returns raw (unscaled) latents, as ComfyUI's ``VAE.encode``."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return encode_images(self.model, pixels)[0]
+
+
+@pytest.fixture(scope="module", params=["sdxl", "cosxl"])
+def sdxl_pair(request, tmp_path_factory):
+    """One tiny SDXL-shaped file read by both: (family, native ModelPatcher, our CachedModel)."""
+    family = request.param
+    root = tmp_path_factory.mktemp(f"native-{family}")
+    tiny = tiny_sdxl.make_components(5, tokenizer_dir=root / "tokenizer", sample_size=128,
+                                     time_embed_width=tiny_sdxl.COMFYUI_TIME_EMBED_WIDTH)
+    scheduler_config = tiny_sdxl.COSXL_SCHEDULER_CONFIG if family == "cosxl" else tiny_sdxl.SDXL_SCHEDULER_CONFIG
+    path = save_single_file(tiny.modules(), root / f"tiny-{family}.safetensors", tokenizer_dir=root / "tokenizer",
+                            family=family, scheduler_config=scheduler_config)
+
+    # ComfyUI's load_state_dict_guess_config, with the model config named: the tiny shapes match no SDXL entry.
+    state = comfy.utils.load_torch_file(str(path))
+    config = comfy.supported_models.SDXL_instructpix2pix(comfy.model_detection.detect_unet_config(state, UNET_PREFIX))
+    unet = tiny.unet.config
+    config.unet_config["num_head_channels"] = unet.block_out_channels[-1] // unet.attention_head_dim[-1]
+    config.set_inference_dtype(torch.float32, None)
+    native = config.get_model(state, UNET_PREFIX, device=torch.device("cpu"))
+    unet_keys = {k[len(UNET_PREFIX):] for k in state if k.startswith(UNET_PREFIX)}
+    native.load_model_weights(state, UNET_PREFIX)  # pops the UNet's keys from state
+    assert unet_keys == set(native.diffusion_model.state_dict()), "our file's UNet keys are not ComfyUI's"
+    patcher = comfy.model_patcher.ModelPatcher(native, load_device=torch.device("cpu"),
+                                               offload_device=torch.device("cpu"))
+
+    cache = ModelCache()
+    ours = cache.get(cache.key_for(ModelSource.from_path(str(path)), "fp32", "cpu"))
+    yield family, patcher, ours
+    cache.clear()
+    mm.unload_all_models()
+
+
+def test_native_model_reads_our_sdxl_file_with_its_prediction_type(sdxl_pair):
+    family, patcher, ours = sdxl_pair
+    native = patcher.model
+    assert type(native).__name__ == "SDXL_instructpix2pix"
+    assert ours.components.family == family
+    if family == "cosxl":
+        assert native.model_type == comfy.model_base.ModelType.V_PREDICTION_EDM
+        assert float(native.model_sampling.sigma_max) == pytest.approx(120.0)
+        assert float(native.model_sampling.sigma_min) == pytest.approx(0.002)
+        assert float(native.model_sampling.sigma_data) == 1.0
+    else:
+        assert native.model_type == comfy.model_base.ModelType.EPS
+
+
+def test_sdxl_guided_prediction_at_one_sigma_equals_native_dual_cfg(sdxl_pair):
+    family, patcher, ours = sdxl_pair
+    c = ours.components
+    s_t, s_i = 5.0, 1.5
+    h, w = 48, 64  # not square, so a swapped height/width in the size ids would show
+    pixels = picture(h, w, seed=2)
+
+    cond = encode_instruction(ours, INSTRUCTION, NEGATIVE)
+    image_latents, _ = encode_images(ours, pixels)
+    # The size conditioning CLIPTextEncodeSDXL gives for this picture; ours comes from the picture itself.
+    sizes = {"width": w, "height": h, "crop_w": 0, "crop_h": 0, "target_width": w, "target_height": h}
+    positive = [[cond.instruction_embeds, {"pooled_output": cond.instruction_pooled, **sizes}]]
+    negative = [[cond.negative_embeds, {"pooled_output": cond.negative_pooled, **sizes}]]
+    cond1, cond2, empty_latent = InstructPixToPixConditioning.execute(positive, negative, pixels, OurVAE(ours)).result
+    guider = first(DualCFGGuider.execute(patcher, cond1, cond2, negative, s_t, s_i, "regular"))
+
+    scheduler = c.spec.make_scheduler("euler", c.scheduler_config)
+    scheduler.set_timesteps(10)
+    k = 4
+    t, sigma = scheduler.timesteps[k], float(scheduler.sigmas[k])
+    native_t = float(patcher.model.model_sampling.timestep(torch.tensor(sigma)))
+    assert native_t == pytest.approx(float(t), abs=1e-5), "the two map sigma to a different UNet timestep"
+
+    noise = torch.randn(empty_latent["samples"].shape, generator=torch.Generator().manual_seed(4))
+    x, native_denoised = one_sigma_native(patcher, guider, empty_latent["samples"], sigma, noise)
+
+    time_ids = c.spec.time_ids(c, (h, w), (h, w))
+    denoiser = Denoiser(ours, cond, image_latents, s_t, s_i, time_ids)
+    scheduler._step_index = k
+    with capture_output(c.unet) as passes:
+        prediction = denoiser(scheduler.scale_model_input(x, t), t)
+    # The scheduler's own x0 (EulerDiscrete: x - sigma eps; EDM Euler: c_skip x + c_out v), as the sampler gets it.
+    ours_denoised = scheduler.step(prediction, t, x).pred_original_sample
+
+    def x0_of(guided: torch.Tensor) -> torch.Tensor:
+        scheduler._step_index = k
+        return scheduler.step(guided, t, x).pred_original_sample
+
+    x0_err = (ours_denoised - native_denoised).abs().max().item()
+    scale = native_denoised.abs().max().item()
+    swapped_err = (x0_of(dual_guidance(*passes[0].float().chunk(3), s_i, s_t)) - native_denoised).abs().max().item()
+    log.info("%s one sigma (t=%.4f, sigma=%.4f): |x0| max %.3f, x0 diff %.2e; swapped scales: %.2e",
+             family, float(t), sigma, scale, x0_err, swapped_err)
+    assert x0_err < 1e-4 * scale
+    assert swapped_err > 1e-2 * scale
+
+
+def test_cosxl_scales_the_picture_latent_and_sdxl_ip2p_does_not_as_comfyui_does(sdxl_pair):
+    """The one convention the two SDXL IP2P families differ in (diffusers' ``is_cosxl_edit``, ComfyUI's
+    ``process_ip2p_image_in``): what the native model feeds its UNet equals what our denoiser does."""
+    family, patcher, ours = sdxl_pair
+    latents = torch.randn(1, 4, 6, 8, generator=torch.Generator().manual_seed(6))
+    theirs = patcher.model.process_ip2p_image_in(latents)
+    expected = 0.13025 if family == "cosxl" else 1.0
+    assert ours.components.spec.image_latent_scale(ours.components) == pytest.approx(expected)
+    assert torch.allclose(theirs, latents * expected)

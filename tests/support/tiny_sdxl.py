@@ -30,6 +30,9 @@ CLIP_L_WIDTH = 32
 CLIP_G_WIDTH = 48
 POOLED_WIDTH = 24  # CLIP-G projection_dim
 TIME_EMBED_WIDTH = 8  # addition_time_embed_dim: each of the six size ids gets this many sinusoid features
+# ComfyUI's SDXL model embeds each size id with a fixed 256-wide sinusoid (``model_base.SDXL.embedder``), as the
+# real SDXL UNet does: the native cross-check builds its tiny UNet with this width.
+COMFYUI_TIME_EMBED_WIDTH = 256
 
 
 @dataclass
@@ -73,7 +76,7 @@ def _clip_config(width: int, hidden_act: str, **extra: Any) -> CLIPTextConfig:
     )
 
 
-def unet_config(in_channels: int = 8, sample_size: int = 8) -> dict[str, Any]:
+def unet_config(in_channels: int = 8, sample_size: int = 8, time_embed_width: int = TIME_EMBED_WIDTH) -> dict[str, Any]:
     return {
         "sample_size": sample_size,
         "in_channels": in_channels,
@@ -87,16 +90,16 @@ def unet_config(in_channels: int = 8, sample_size: int = 8) -> dict[str, Any]:
         "use_linear_projection": True,
         "cross_attention_dim": CLIP_L_WIDTH + CLIP_G_WIDTH,
         "addition_embed_type": "text_time",
-        "addition_time_embed_dim": TIME_EMBED_WIDTH,
-        "projection_class_embeddings_input_dim": POOLED_WIDTH + 6 * TIME_EMBED_WIDTH,
+        "addition_time_embed_dim": time_embed_width,
+        "projection_class_embeddings_input_dim": POOLED_WIDTH + 6 * time_embed_width,
         "norm_num_groups": 32,
     }
 
 
 def make_components(seed: int = 0, in_channels: int = 8, tokenizer_dir: Path | None = None,
-                    sample_size: int = 8) -> TinySDXL:
+                    sample_size: int = 8, time_embed_width: int = TIME_EMBED_WIDTH) -> TinySDXL:
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**unet_config(in_channels, sample_size))
+    unet = UNet2DConditionModel(**unet_config(in_channels, sample_size, time_embed_width))
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
