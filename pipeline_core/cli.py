@@ -19,6 +19,7 @@ from . import limits
 from .editing.seeds import SEED_MODES
 from .errors import InputError, IP2PError
 from .models.assets import SAMPLE_INSTRUCTION, TOY_MODEL_ALIAS, TOY_TEXT_GUIDANCE
+from .models.families import FAMILIES
 from .models.schedulers import AUTO, SCHEDULER_CHOICES
 
 if TYPE_CHECKING:
@@ -64,6 +65,11 @@ def _ranged(bounds: limits.Range) -> str:
     return f"{low}-{high}"
 
 
+def family_defaults(which: int) -> str:
+    """The families' default text (0) or image (1) guidance for --help, from the families themselves."""
+    return ", ".join(f"{f.default_guidance[which]:g} {f.label}" for f in reversed(FAMILIES))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ip2p-edit", description="Edit images by instruction with InstructPix2Pix.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -87,11 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "once; only a plain owner/name that is not a local path is looked up there)")
     e.add_argument("--negative", default="", help="negative prompt (default: empty, as in the paper)")
     e.add_argument("--text-guidance", type=float, default=None,
-                   help="how hard to follow the instruction, useful 3-12 (default: the model family's: 7.5 SD1.x, "
-                        f"3.0 SDXL-IP2P, 5.0 CosXL Edit; {TOY_TEXT_GUIDANCE:g} with --model {TOY_MODEL_ALIAS}, "
-                        "its best)")
+                   help="how hard to follow the instruction, useful 3-12 (default: the model family's: "
+                        f"{family_defaults(0)}; {TOY_TEXT_GUIDANCE:g} with --model {TOY_MODEL_ALIAS}, its best)")
     e.add_argument("--image-guidance", type=float, default=None,
-                   help="how close to stay to the input, useful 1-2.5 (default: the model family's, 1.5 for all)")
+                   help="how close to stay to the input, useful 1-2.5 (default: the model family's: "
+                        f"{family_defaults(1)})")
     e.add_argument("--steps", type=_whole_number, default=int(limits.STEPS.default),
                    help=f"denoising steps, {_ranged(limits.STEPS)}")
     e.add_argument("--seed", type=_whole_number, default=int(limits.SEED.default),

@@ -119,7 +119,11 @@ def test_edit_runs_end_to_end_and_again_after_unload_models_with_the_same_image(
     # As for core's models, unloading alone keeps the weights' CPU copy (a GPU user's next run reads no disk).
     assert "ip2p: loading" not in log
     [again_file] = server.output_files(again, "6")
-    assert pixels(again_file).tobytes() == pixels(files[1]).tobytes()
+    # Seed 8 ran in a batch of two the first time and alone now: CPU kernels pick their algorithm by batch size,
+    # so the float results may differ in the last bits and a rare pixel rounds to the next 8-bit level. Weights
+    # reloaded wrongly (or a stale state) would change the whole picture.
+    diff = np.abs(pixels(again_file).astype(int) - pixels(files[1]).astype(int))
+    assert diff.max() <= 1 and np.count_nonzero(diff) <= diff.size // 1000, (diff.max(), np.count_nonzero(diff))
 
     # "Unload Models and Execution Cache" drops the CPU copy too; the next run reads the file again.
     server.free(unload_models=True, free_memory=True, until_log=r"ip2p: ComfyUI freed its caches: released")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ip2p_nodes.pipeline_core import ModelCache, cli, limits
+from ip2p_nodes.pipeline_core import FAMILIES, ModelCache, cli, limits
 from ip2p_nodes.pipeline_core.models.assets import sample_image_path, toy_model_path
 
 
@@ -142,15 +142,21 @@ def test_edit_help_shows_the_defaults_and_the_toy_model(capsys):
     assert done.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert f"(default: {int(limits.STEPS.default)})" in text
-    assert f"(default: {limits.IMAGE_GUIDANCE.default:g})" in text
-    assert f"(default: {limits.TEXT_GUIDANCE.default:g}; 3 with --model toy" in text
+    # Guidance defaults are the model family's, known once the model is loaded; help lists each family's.
+    for family in FAMILIES:
+        text_default, image_default = family.default_guidance
+        assert f"{text_default:g} {family.label}" in text.split("--text-guidance")[-1].split("--image-guidance")[0]
+        assert f"{image_default:g} {family.label}" in text.split("--image-guidance")[-1]
+    assert "7.5 SD1.x InstructPix2Pix, 3 SDXL InstructPix2Pix, 5 CosXL Edit; 3 with --model toy, its best" in text
     assert "(default: increment)" in text and "(default: auto)" in text
     assert "--model toy (the shipped demo model" in text and "'toy' (the shipped demo model: no download)" in text
 
 
 def test_option_defaults_are_the_declared_limits():
     args = cli.build_parser().parse_args(["edit", "i.png", "x", "-o", "o.png", "--model", "m"])
-    assert args.steps == limits.STEPS.default and args.image_guidance == limits.IMAGE_GUIDANCE.default
+    assert args.steps == limits.STEPS.default
+    # None: the loaded model's family decides (7.5/1.5 SD1.x, 3.0/1.5 SDXL-IP2P, 5.0/1.5 CosXL Edit).
+    assert args.text_guidance is None and args.image_guidance is None
     assert args.denoise == limits.DENOISE.default and args.feather == limits.FEATHER.default
     assert args.seed == limits.SEED.default
 
