@@ -328,13 +328,14 @@ def test_sdxl_guided_prediction_at_one_sigma_equals_native_dual_cfg(sdxl_pair):
     scheduler._step_index = k
     with capture_output(c.unet) as passes:
         prediction = denoiser(scheduler.scale_model_input(x, t), t)
-    # The scheduler's own x0 (EulerDiscrete: x - sigma eps; EDM Euler: c_skip x + c_out v), as the sampler gets it.
-    ours_denoised = scheduler.step(prediction, t, x).pred_original_sample
 
     def x0_of(guided: torch.Tensor) -> torch.Tensor:
+        """The scheduler's own x0 (EulerDiscrete: x - sigma eps; EDM Euler: c_skip x + c_out v), as the sampler
+        gets it; each step() advances the step index, so set it back first."""
         scheduler._step_index = k
         return scheduler.step(guided, t, x).pred_original_sample
 
+    ours_denoised = x0_of(prediction)
     x0_err = (ours_denoised - native_denoised).abs().max().item()
     scale = native_denoised.abs().max().item()
     swapped_err = (x0_of(dual_guidance(*passes[0].float().chunk(3), s_i, s_t)) - native_denoised).abs().max().item()
