@@ -15,6 +15,7 @@ from .errors import InputError, IP2PError, ModelLoadError
 from .models.cache import MODEL_CACHE, CachedModel, ModelCache, ModelKey, Residency
 from .models.families import FAMILIES
 from .models.loading import ModelSource, load_components, save_single_file
+from .models.lora import LoraRef
 from .models.schedulers import AUTO as AUTO_SCHEDULER
 from .models.schedulers import DEFAULT_SCHEDULER, SCHEDULER_CHOICES, SCHEDULER_NAMES
 
@@ -23,5 +24,5 @@ __all__ = [
     "InputError", "IP2PError", "ModelLoadError", "dual_guidance", "required_passes", "ModelSource",
     "load_components", "save_single_file", "EditResult", "decode_latents", "encode_images", "edit",
     "EditSettings", "DEFAULT_SCHEDULER", "AUTO_SCHEDULER", "SCHEDULER_CHOICES", "SCHEDULER_NAMES", "FAMILIES",
-    "PlanItem", "SeedPlan", "make_plan",
+    "PlanItem", "SeedPlan", "make_plan", "LoraRef",
 ]

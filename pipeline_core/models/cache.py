@@ -16,7 +16,7 @@ import gc
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -24,11 +24,13 @@ import torch
 from .components import IP2PComponents
 from .families.base import TextEncoding
 from .loading import ModelSource, load_components
+from .lora import LoraRef, LoraState, describe_stack
 from .precision import Precision, resolve_precision
 
 log = logging.getLogger(__name__)
 
 MAX_CACHED_EMBEDDINGS = 64
+MAX_LORA_VIEWS = 16  # LoRA stacks (file + strength combinations) remembered per base model, with their embeddings
 
 
 @functools.cache
@@ -82,19 +84,39 @@ class ModelKey:
     source: ModelSource
     precision: str  # resolved: fp32 / fp16 / bf16
     device: str
+    # LoRA files and strengths applied on top, in order. The weights in memory are the base model's (this field
+    # dropped); a stack only selects adapters on it, so a new strength never reads the base from disk again.
+    loras: tuple[LoraRef, ...] = ()
 
     def describe(self) -> str:
-        return f"{self.source.name} ({self.precision}, {self.device})"
+        text = f"{self.source.name} ({self.precision}, {self.device})"
+        return f"{text} + LoRA {describe_stack(self.loras)}" if self.loras else text
+
+    @property
+    def base(self) -> "ModelKey":
+        """The key of the weights in memory: this one without its LoRA stack."""
+        return replace(self, loras=()) if self.loras else self
+
+    def with_lora(self, ref: LoraRef) -> "ModelKey":
+        """This model with one more LoRA on top (IP2P Load LoRA nodes chain by calling this)."""
+        return replace(self, loras=(*self.loras, ref))
 
 
 class CachedModel:
-    """A loaded model plus what is derived from it (text encodings), as handed out by the cache."""
+    """A loaded model plus what is derived from it (text encodings), as handed out by the cache.
 
-    def __init__(self, key: ModelKey, components: IP2PComponents, handle: Any, residency: Residency):
+    With a LoRA stack (``key.loras``) it is a view of its base model: the same modules, with that stack's
+    adapters switched on whenever it is used (:meth:`ensure_loaded`), and its own memo of text encodings.
+    """
+
+    def __init__(self, key: ModelKey, components: IP2PComponents, handle: Any, residency: Residency,
+                 lora_state: LoraState | None = None):
         self.key = key
         self.components = components
         self.handle = handle
         self.residency = residency
+        self._lora_state = lora_state if lora_state is not None else LoraState()
+        self._views: OrderedDict[tuple[LoraRef, ...], CachedModel] = OrderedDict()
         self._embeddings: OrderedDict[str, TextEncoding] = OrderedDict()
         self._lock = threading.Lock()
         self.encode_calls = 0  # texts actually run through the text encoder; tests and logs read it
@@ -103,8 +125,38 @@ class CachedModel:
     def family(self):
         return self.components.spec
 
+    @property
+    def loras(self) -> tuple[LoraRef, ...]:
+        return self.key.loras
+
+    def with_loras(self, stack: tuple[LoraRef, ...]) -> "CachedModel":
+        """This model with ``stack`` on top; every file is read and checked now, so a bad one fails here."""
+        if not stack:
+            return self
+        with self._lock:
+            view = self._views.get(stack)
+            if view is not None:
+                self._views.move_to_end(stack)
+                return view
+        for ref in stack:
+            self._lora_state.load(ref, self.components)
+        view = CachedModel(replace(self.key, loras=stack), self.components, self.handle, self.residency,
+                           self._lora_state)
+        with self._lock:
+            view = self._views.setdefault(stack, view)
+            while len(self._views) > MAX_LORA_VIEWS:
+                self._views.popitem(last=False)
+        return view
+
     def ensure_loaded(self, *names: str, memory_required: int = 0) -> None:
+        """The named modules on the device, with this model's LoRA stack (or none) active on them.
+
+        Views share modules, so the stack is set on every use: a graph that samples with two stacks of one base
+        model gets each stack's output, in either order.
+        """
         self.residency.load(self.components, self.handle, names, memory_required)
+        if any(name != "vae" for name in names):
+            self._lora_state.activate(self.loras, self.components)
 
     def encode(self, text: str) -> TextEncoding:
         """``text`` as the family's UNet reads it, memoised per text (re-queuing a prompt encodes nothing)."""
@@ -149,6 +201,10 @@ class ModelCache:
         return ModelKey(source, resolved.name, str(torch.device(device)))
 
     def get(self, key: ModelKey) -> CachedModel:
+        """The model ``key`` names: its base from memory (read from disk if not held), its LoRA stack on top."""
+        return self._get_base(key.base).with_loras(key.loras)
+
+    def _get_base(self, key: ModelKey) -> CachedModel:
         with self._lock:
             model = self._models.get(key)
             if model is not None:
@@ -174,7 +230,7 @@ class ModelCache:
 
     def evict(self, key: ModelKey) -> bool:
         with self._lock:
-            model = self._models.pop(key, None)
+            model = self._models.pop(key.base, None)
         if model is None:
             return False
         self.residency.release(model.handle)
@@ -198,7 +254,7 @@ class ModelCache:
 
     def __contains__(self, key: ModelKey) -> bool:
         with self._lock:
-            return key in self._models
+            return key.base in self._models
 
     def __len__(self) -> int:
         with self._lock:

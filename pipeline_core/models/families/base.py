@@ -166,6 +166,9 @@ class Family:
     default_guidance: ClassVar[tuple[float, float]]  # (text, image)
     default_scheduler: ClassVar[str]
     scale_image_latent: ClassVar[bool] = False
+    # diffusers' LoRA loader mixin of the matching pipeline: converts kohya/A1111 keys for this family's layout
+    # and loads adapters into its UNet and text encoders (see ..lora).
+    lora_loader: ClassVar[type]
     # Scheduler names this family samples with; the shared table by default (EDM families override).
     scheduler_names: ClassVar[tuple[str, ...]] = schedulers.SCHEDULER_NAMES
 

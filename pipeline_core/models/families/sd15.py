@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
 from ...errors import ModelLoadError
 from .. import ldm_format
@@ -37,6 +38,7 @@ class SD15Family(Family):
     default_resolution = 512
     default_guidance = (7.5, 1.5)
     default_scheduler = "euler_ancestral"
+    lora_loader = StableDiffusionLoraLoaderMixin
 
     @classmethod
     def matches_checkpoint(cls, state: Mapping[str, torch.Tensor]) -> bool:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
 import torch
+from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
 
 from ...errors import ModelLoadError
 from .. import ldm_format, ldm_sdxl
@@ -78,6 +79,7 @@ class SDXLFamily(Family):
     default_resolution = 1024
     default_guidance = (3.0, 1.5)
     default_scheduler = "euler"
+    lora_loader = StableDiffusionXLLoraLoaderMixin
     roles: ClassVar[tuple[str, ...]] = ROLES
 
     # ------------------------------------------------------------------------------------------ detection
