@@ -11,12 +11,15 @@ from . import memory, model_paths
 from .grid import IP2PImageGrid
 from .instruction import IP2PInstruction
 from .loader import IP2PModelLoader
+from .lora import IP2PLoraLoader
 from .sampler import IP2PSampler
 from .seed_plan import IP2PSeedPlan
 
 log = logging.getLogger(__name__)
 
-NODES: list[type[io.ComfyNode]] = [IP2PModelLoader, IP2PInstruction, IP2PSampler, IP2PSeedPlan, IP2PImageGrid]
+NODES: list[type[io.ComfyNode]] = [
+    IP2PModelLoader, IP2PLoraLoader, IP2PInstruction, IP2PSampler, IP2PSeedPlan, IP2PImageGrid,
+]
 
 
 def setup() -> None:

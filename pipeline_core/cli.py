@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .editing.seeds import SeedPlan
     from .editing.settings import EditSettings
     from .models.loading import ModelSource
+    from .models.lora import LoraRef
 
 log = logging.getLogger("ip2p_nodes.cli")
 
@@ -123,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "changes stay small")
     e.add_argument("--working-resolution", type=_whole_number, default=int(limits.WORKING_RESOLUTION.default),
                    help="edit at about this many pixels squared (0 = the model's own: 512 for SD1.5, 32 for the toy)")
+    e.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="a LoRA file (kohya/A1111 or diffusers format) to apply, at STRENGTH (-4..4, default 1); "
+                        "repeat for several, e.g. --lora style.safetensors:0.7 --lora detail.safetensors")
     e.add_argument("--tokenizer-dir", default=None,
                    help="CLIP tokenizer folder (vocab.json + merges.txt) for single-file SD1.5 checkpoints")
 
@@ -213,6 +217,7 @@ class EditJob:
     outputs: list[Path]  # one per plan item, each checked writable
     # (text, image) guidance as given; None: the model family's default, known once the model is loaded
     guidance: tuple[float | None, float | None] = (None, None)
+    loras: tuple[LoraRef, ...] = ()  # files checked to exist; their layers are checked against the model on load
 
 
 def output_paths(output: str, count: int) -> list[Path]:
@@ -231,6 +236,7 @@ def check_edit_args(args: argparse.Namespace) -> EditJob:
     from .editing.seeds import make_plan
     from .editing.settings import EditSettings
     from .models.loading import ModelSource
+    from .models.lora import LoraRef, parse_lora_arg
     from .models.precision import resolve_precision
 
     if not args.instruction.strip():
@@ -257,12 +263,19 @@ def check_edit_args(args: argparse.Namespace) -> EditJob:
     if args.tokenizer_dir is not None and not Path(args.tokenizer_dir).expanduser().is_dir():
         raise InputError(f"--tokenizer-dir {args.tokenizer_dir}: no such folder; give the folder holding "
                          "vocab.json and merges.txt")
+    loras = []
+    for text in args.lora:
+        path, strength = parse_lora_arg(text)
+        try:
+            loras.append(LoraRef.of(path, strength))
+        except InputError as exc:
+            raise InputError(f"--lora {text}: {exc}") from None
     image = load_image(args.input)
     mask = load_image(args.mask)[..., 0] if args.mask else None  # grey value of the mask picture, 1 = edit
     source = ModelSource.from_path(args.model, tokenizer_dir=args.tokenizer_dir)
     guidance = (None if text_guidance is None else settings.text_guidance,
                 None if image_guidance is None else settings.image_guidance)
-    return EditJob(source, device, precision, image, mask, plan, settings, outputs, guidance)
+    return EditJob(source, device, precision, image, mask, plan, settings, outputs, guidance, tuple(loras))
 
 
 def run_edit(args: argparse.Namespace) -> list[Path]:
@@ -272,7 +285,7 @@ def run_edit(args: argparse.Namespace) -> list[Path]:
     from .models.cache import MODEL_CACHE
 
     job = check_edit_args(args)
-    model = MODEL_CACHE.get(MODEL_CACHE.key_for(job.source, job.precision, job.device))
+    model = MODEL_CACHE.get(MODEL_CACHE.key_for(job.source, job.precision, job.device, job.loras))
     cond = encode_instruction(model, args.instruction, args.negative)
     s = job.settings
     result = edit(model, cond, job.image, job.plan, steps=s.steps, text_guidance=job.guidance[0],

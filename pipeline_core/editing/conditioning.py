@@ -6,12 +6,15 @@ pairs the two texts and checks that a conditioning meets the model it was made w
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import InputError
 from ..models.cache import CachedModel, ModelKey
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,8 +41,13 @@ def encode_instruction(model: CachedModel, instruction: str, negative: str = "")
 def check_conditioning(model: CachedModel, cond: Conditioning) -> None:
     if not isinstance(cond, Conditioning):
         raise InputError(f"expected IP2P conditioning from the instruction node, got {type(cond).__name__}")
-    if cond.model_key != model.key:
+    if cond.model_key.base != model.key.base:
         raise InputError(
             f"the conditioning was encoded with {cond.model_key.describe()} but the sampler uses "
             f"{model.key.describe()}; connect the same model to both nodes"
         )
+    if cond.model_key.loras != model.key.loras:
+        # Same weights underneath, so the embeddings fit the UNet; like a native graph whose CLIP skipped the
+        # LoRA loader, the text encoder's part of the LoRA is simply not in them.
+        log.info("ip2p: the instruction was encoded with %s, the sampler runs %s", cond.model_key.describe(),
+                 model.key.describe())

@@ -196,9 +196,10 @@ class ModelCache:
         self._lock = threading.RLock()
         self.loads = 0  # how many times a model was actually read from disk
 
-    def key_for(self, source: ModelSource, precision: str, device: torch.device | str) -> ModelKey:
+    def key_for(self, source: ModelSource, precision: str, device: torch.device | str,
+                loras: tuple[LoraRef, ...] = ()) -> ModelKey:
         resolved = resolve_precision(precision, device)
-        return ModelKey(source, resolved.name, str(torch.device(device)))
+        return ModelKey(source, resolved.name, str(torch.device(device)), tuple(loras))
 
     def get(self, key: ModelKey) -> CachedModel:
         """The model ``key`` names: its base from memory (read from disk if not held), its LoRA stack on top."""

@@ -27,7 +27,7 @@ def comfy_env(tmp_path, monkeypatch):
     from ip2p_nodes.pipeline_core import MODEL_CACHE
 
     models = tmp_path / "models"
-    dirs = {name: models / name for name in ("instructpix2pix", "checkpoints", "diffusers")}
+    dirs = {name: models / name for name in ("instructpix2pix", "checkpoints", "diffusers", "loras")}
     for d in dirs.values():
         d.mkdir(parents=True)
     monkeypatch.setattr(folder_paths, "models_dir", str(models))
@@ -35,6 +35,8 @@ def comfy_env(tmp_path, monkeypatch):
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "checkpoints",
                         ([str(dirs["checkpoints"])], folder_paths.supported_pt_extensions))
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusers", ([str(dirs["diffusers"])], ["folder"]))
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras",
+                        ([str(dirs["loras"])], folder_paths.supported_pt_extensions))
     monkeypatch.delitem(folder_paths.folder_names_and_paths, model_paths.IP2P_FOLDER, raising=False)
     previous_residency = MODEL_CACHE.residency
     MODEL_CACHE.clear()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import comfy_harness, tiny_models
+from support import comfy_harness, lora_files, tiny_models
 from support.comfy_harness import picture
 
 comfy_harness.import_comfyui()  # skips this module, saying why, without COMFYUI_DIR
@@ -28,6 +28,7 @@ import folder_paths  # noqa: E402
 from ip2p_nodes.nodes import extension, memory, model_paths  # noqa: E402
 from ip2p_nodes.nodes.instruction import IP2PInstruction  # noqa: E402
 from ip2p_nodes.nodes.loader import IP2PModelLoader  # noqa: E402
+from ip2p_nodes.nodes.lora import IP2PLoraLoader  # noqa: E402
 from ip2p_nodes.nodes.sampler import IP2PSampler  # noqa: E402
 from ip2p_nodes.nodes.seed_plan import IP2PSeedPlan  # noqa: E402
 from ip2p_nodes.pipeline_core import MODEL_CACHE  # noqa: E402
@@ -37,7 +38,7 @@ from ip2p_nodes.pipeline_core.training.toy import TOY_MODEL_CHOICE, toy_model_pa
 
 pytestmark = pytest.mark.comfyui
 
-OUR_NODE_IDS = {"IP2PModelLoader", "IP2PInstruction", "IP2PSampler", "IP2PSeedPlan", "IP2PImageGrid"}
+OUR_NODE_IDS = {"IP2PModelLoader", "IP2PLoraLoader", "IP2PInstruction", "IP2PSampler", "IP2PSeedPlan", "IP2PImageGrid"}
 TINY = "tiny-ip2p.safetensors"
 
 
@@ -188,6 +189,63 @@ def test_conditioning_from_another_model_is_refused(tiny, comfy_env, tiny_folder
     cond = IP2PInstruction.execute(other, "make it red", "")[0]
     with pytest.raises(InputError, match="connect the same model to both nodes"):
         IP2PSampler.execute(tiny, cond, picture(), 1, 2, 7.5, 1.5, "euler_ancestral", None)
+
+
+# -- LoRA ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lora_in_folder(comfy_env, tiny_folder, tmp_path):
+    """A random LoRA for the tiny model in models/loras, in diffusers format and as a kohya copy in a subfolder."""
+    lora = lora_files.write_diffusers_lora(tiny_folder, tmp_path / "made", seed=4)
+    comfy_harness.copy_into(lora.path, comfy_env["loras"], "style.safetensors")
+    (comfy_env["loras"] / "kohya").mkdir()
+    lora_files.write_kohya_lora(lora, comfy_env["loras"] / "kohya" / "style-kohya.safetensors")
+    return lora
+
+
+def test_lora_node_lists_the_loras_folder_and_chains(tiny, lora_in_folder):
+    from ip2p_nodes.pipeline_core import LoraRef, SeedPlan, edit, encode_instruction
+
+    choices = IP2PLoraLoader.GET_SCHEMA().inputs[1].options
+    assert set(choices) == {"style.safetensors", "kohya/style-kohya.safetensors"}
+    base_image = run(tiny, picture())[0]
+    styled = IP2PLoraLoader.execute(tiny, "style.safetensors", 0.8)[0]
+    stacked = IP2PLoraLoader.execute(styled, "kohya/style-kohya.safetensors", -0.3)[0]
+    assert [ref.strength for ref in stacked.loras] == [0.8, -0.3]
+    image = run(stacked, picture())[0]
+    assert not torch.equal(image, base_image)
+    # The node's picture is the API's picture for the same stack (the kohya copy is the same LoRA: 0.8 - 0.3).
+    model = MODEL_CACHE.get(tiny.with_lora(LoraRef.of(lora_in_folder.path, 0.5)))
+    api = edit(model, encode_instruction(model, "make it look like winter"), picture(), SeedPlan.single(5), steps=2,
+               text_guidance=7.5, image_guidance=1.5, scheduler="euler_ancestral").images
+    assert (image - api).abs().max().item() < 1e-5
+
+
+def test_new_lora_strengths_reuse_the_loaded_base_and_unload_keeps_them_working(tiny, lora_in_folder):
+    loads = MODEL_CACHE.loads
+    outs = [run(IP2PLoraLoader.execute(tiny, "style.safetensors", s)[0], picture())[0] for s in (1.0, 0.5, 1.0)]
+    assert MODEL_CACHE.loads == loads, "a strength change must not read the base weights again"
+    assert torch.equal(outs[0], outs[2]) and not torch.equal(outs[0], outs[1])
+    assert torch.equal(run(IP2PLoraLoader.execute(tiny, "style.safetensors", 0.0)[0], picture())[0],
+                       run(tiny, picture())[0])
+    mm.unload_all_models()  # the adapters live in the modules, so they leave and come back with them
+    assert torch.equal(run(IP2PLoraLoader.execute(tiny, "style.safetensors", 1.0)[0], picture())[0], outs[0])
+
+
+def test_lora_node_refuses_a_lora_of_another_model_before_sampling(tiny, comfy_env, sdxl_folder, tmp_path):
+    lora = lora_files.write_diffusers_lora(sdxl_folder, tmp_path / "xl", sdxl=True)
+    comfy_harness.copy_into(lora.path, comfy_env["loras"], "xl.safetensors")
+    with pytest.raises(InputError, match=r"xl\.safetensors: \d+ of its \d+ LoRA layers fit this SD1\.x"):
+        IP2PLoraLoader.execute(tiny, "xl.safetensors", 1.0)
+    assert run(tiny, picture(16, 16), steps=1)[0].shape == (1, 16, 16, 3)
+
+
+def test_instruction_encoded_without_the_lora_still_samples_with_it(tiny, lora_in_folder):
+    styled = IP2PLoraLoader.execute(tiny, "style.safetensors", 1.0)[0]
+    cond = IP2PInstruction.execute(tiny, "make it look like winter", "")[0]
+    image = IP2PSampler.execute(styled, cond, picture(), 5, 2, 7.5, 1.5, "euler_ancestral", None)[0]
+    assert not torch.equal(image, run(tiny, picture())[0])
 
 
 # -- sampler -------------------------------------------------------------------------------------------------------
@@ -370,6 +428,7 @@ def test_comfyui_custom_node_loader_registers_exactly_our_nodes(tmp_path, comfy_
     assert set(comfy_nodes.NODE_CLASS_MAPPINGS) - before == OUR_NODE_IDS
     assert {k: comfy_nodes.NODE_DISPLAY_NAME_MAPPINGS[k] for k in OUR_NODE_IDS} == {
         "IP2PModelLoader": "IP2P Load Model",
+        "IP2PLoraLoader": "IP2P Load LoRA",
         "IP2PInstruction": "IP2P Instruction",
         "IP2PSampler": "IP2P Dual-Guidance Sampler",
         "IP2PSeedPlan": "IP2P Seed Batch",

@@ -76,3 +76,24 @@ def test_cli_demo_edits_the_shipped_sample_with_no_download(tmp_path, monkeypatc
     before, after = pair[:, : w // 2], pair[:, w // 2 :]
     red = lambda im: ((im[..., 0] > 180) & (im[..., 1] < 90) & (im[..., 2] < 90)).sum()  # noqa: E731
     assert red(after) > red(before) + 100  # the sample's circle is blue; the edit makes it red
+
+
+def test_cli_lora_gives_the_picture_of_the_same_lora_through_the_api(tmp_path, photo, tiny_folder):
+    from ip2p_nodes.pipeline_core import MODEL_CACHE, LoraRef, ModelSource, SeedPlan, edit, encode_instruction
+    from ip2p_nodes.pipeline_core.editing.images import load_image
+    from support import lora_files
+
+    lora = lora_files.write_diffusers_lora(tiny_folder, tmp_path / "lora", seed=2)
+    out, plain = tmp_path / "out.png", tmp_path / "plain.png"
+    args = ["edit", str(photo), "make it winter", "--model", str(tiny_folder), "--steps", "2", "--precision", "fp32",
+            "--seed", "7"]
+    assert cli.main([*args, "-o", str(out), "--lora", f"{lora.path}:0.6"]) == 0
+    assert cli.main([*args, "-o", str(plain)]) == 0
+    key = MODEL_CACHE.key_for(ModelSource.from_path(str(tiny_folder)), "fp32", "cpu",
+                              loras=(LoraRef.of(lora.path, 0.6),))
+    model = MODEL_CACHE.get(key)
+    expected = edit(model, encode_instruction(model, "make it winter"), load_image(photo), SeedPlan.single(7),
+                    steps=2).images[0]
+    got = np.asarray(Image.open(out)).astype(np.float32) / 255
+    assert np.abs(got - expected.numpy()).max() <= 1 / 255 + 1e-6  # the file is 8-bit
+    assert not np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(out)))

@@ -63,6 +63,8 @@ def _edit(photo, out, *extra, model=None):
         (["--precision", "fp16", "--device", "cpu"], ["fp16 is not supported on the CPU", "use bf16"]),
         (["--mask", "missing-mask.png"], ["missing-mask.png: no such image file", "check the path"]),
         (["--tokenizer-dir", "no-such-dir"], ["--tokenizer-dir no-such-dir: no such folder", "vocab.json"]),
+        (["--lora", "no-such-lora.safetensors:0.5"], ["--lora no-such-lora.safetensors:0.5: LoRA file not found"]),
+        (["--lora", f"{__file__}:0.5"], ["not a LoRA weights file (expected one of .safetensors"]),
     ],
 )
 def test_bad_settings_are_refused_before_the_model_loads(tmp_path, photo, caplog, no_model_load, extra, said):

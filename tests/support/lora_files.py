@@ -9,6 +9,7 @@ adapter's LoraConfig in the file's metadata). ``write_kohya_lora`` writes the sa
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,13 @@ def _randomise(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
+def _peft_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    with warnings.catch_warnings():
+        # peft looks for the base model's config to see whether the vocabulary grew; these modules have none.
+        warnings.filterwarnings("ignore", message=".*Could not find a config file.*")
+        return get_peft_model_state_dict(module)
+
+
 def write_diffusers_lora(folder: Path, out_dir: Path, *, rank: int = 4, alpha: float = 8.0, seed: int = 0,
                          text_encoder: bool = True, sdxl: bool = False) -> LoraFile:
     """A random LoRA for the model in ``folder``, saved by diffusers as ``out_dir/pytorch_lora_weights.safetensors``."""
@@ -48,9 +56,9 @@ def write_diffusers_lora(folder: Path, out_dir: Path, *, rank: int = 4, alpha: f
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, target_modules=UNET_TARGETS))
     _randomise(unet, seed)
-    layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+    layers = {"unet_lora_layers": convert_state_dict_to_diffusers(_peft_state(unet)),
               "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict()}
-    peft_state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
+    peft_state = {f"unet.{k}": v for k, v in _peft_state(unet).items()}
     encoders = [("text_encoder", CLIPTextModel)]
     if sdxl:
         encoders.append(("text_encoder_2", CLIPTextModelWithProjection))
@@ -58,7 +66,7 @@ def write_diffusers_lora(folder: Path, out_dir: Path, *, rank: int = 4, alpha: f
         te = cls.from_pretrained(folder, subfolder=name)
         te.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, target_modules=TEXT_TARGETS))
         _randomise(te, seed + 1 + i)
-        state = get_peft_model_state_dict(te)
+        state = _peft_state(te)
         layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state)
         layers[f"{name}_lora_adapter_metadata"] = te.peft_config["default"].to_dict()
         peft_state.update({f"{name}.{k}": v for k, v in state.items()})
