@@ -111,15 +111,18 @@ def test_sdxl_lora_equals_diffusers(sdxl_folder, sdxl_lora):
     assert diff < 1e-4
 
 
-@pytest.mark.parametrize("sdxl", [False, True], ids=["sd15", "sdxl"])
-def test_kohya_file_gives_the_diffusers_files_picture(tiny_folder, sdxl_folder, sd15_lora, sdxl_lora, tmp_path, sdxl):
+@pytest.mark.parametrize("sdxl,sgm", [(False, False), (True, False), (True, True)],
+                         ids=["sd15", "sdxl-diffusers-names", "sdxl-sgm-names"])
+def test_kohya_file_gives_the_diffusers_files_picture(tiny_folder, sdxl_folder, sd15_lora, sdxl_lora, tmp_path, sdxl,
+                                                      sgm):
     folder, lora = (sdxl_folder, sdxl_lora) if sdxl else (tiny_folder, sd15_lora)
-    kohya = lora_files.write_kohya_lora(lora, tmp_path / "kohya.safetensors", sdxl=sdxl)
-    keys = list(load_file(str(kohya)))
-    assert any(k.startswith("lora_unet_") for k in keys)
-    assert any(k.startswith("lora_te2_" if sdxl else "lora_te_text_model_") for k in keys)
     cache = ModelCache()
     key = _key(cache, folder)
+    unet_config = dict(cache.get(key).components.unet.config) if sgm else None
+    kohya = lora_files.write_kohya_lora(lora, tmp_path / "kohya.safetensors", sdxl=sdxl, sgm_unet_config=unet_config)
+    keys = list(load_file(str(kohya)))
+    assert any(k.startswith("lora_unet_input_blocks_" if sgm else "lora_unet_down_blocks_") for k in keys)
+    assert any(k.startswith("lora_te2_" if sdxl else "lora_te_text_model_") for k in keys)
     img = _image(48, 64)
     a = _ours(cache.get(key.with_lora(LoraRef.of(lora.path, 0.8))), img, s_t=3.0)
     b = _ours(cache.get(key.with_lora(LoraRef.of(kohya, 0.8))), img, s_t=3.0)

@@ -75,11 +75,21 @@ def write_diffusers_lora(folder: Path, out_dir: Path, *, rank: int = 4, alpha: f
     return LoraFile(out_dir / "pytorch_lora_weights.safetensors", peft_state, rank, alpha)
 
 
-def write_kohya_lora(lora: LoraFile, path: Path, *, sdxl: bool = False) -> Path:
-    """The same LoRA in kohya-ss/A1111 layout (diffusers' PEFT -> kohya converter, with the real alphas)."""
+def write_kohya_lora(lora: LoraFile, path: Path, *, sdxl: bool = False, sgm_unet_config: dict | None = None) -> Path:
+    """The same LoRA in kohya-ss/A1111 layout (diffusers' PEFT -> kohya converter, with the real alphas).
+
+    ``sgm_unet_config``: name the UNet layers as kohya's SDXL trainer does, after the original (SGM) UNet's
+    blocks (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``), using the pack's own diffusers -> LDM
+    key mapping for a UNet of that config.
+    """
+    from ip2p_nodes.pipeline_core.models import ldm_sdxl
+
     named = {}
     for key, value in lora.peft_state.items():
         component, rest = key.split(".", 1)
+        if component == "unet" and sgm_unet_config is not None:
+            module, _, tail = rest.partition(".lora_")
+            rest = ldm_sdxl.unet_key_to_ldm(module + ".weight", sgm_unet_config)[: -len(".weight")] + ".lora_" + tail
         if component.startswith("text_encoder") and not rest.startswith("text_model."):
             rest = "text_model." + rest  # the level every kohya file names (transformers 4's CLIPTextModel)
         named[f"{component}.{rest}"] = value
