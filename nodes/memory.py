@@ -118,6 +118,11 @@ class ComfyResidency(Residency):
         # Already-loaded modules cost nothing here; unloaded ones are moved back, evicting others if needed.
         mm.load_models_gpu([handle[n] for n in names], memory_required=memory_required, force_full_load=True)
 
+    def modules_changed(self, handle: Any) -> None:
+        # ModelPatcher measures its module once; LoRA adapters added since must count in ComfyUI's budget.
+        for patcher in handle.values():
+            patcher.size = 0
+
     def release(self, handle: Any) -> None:
         """The cache dropped this model: take it out of ComfyUI's list so its memory can really go."""
         patchers = list(handle.values())

@@ -78,6 +78,9 @@ class Residency:
     def release(self, handle: Any) -> None:
         """Called when the cache drops the model."""
 
+    def modules_changed(self, handle: Any) -> None:
+        """Called after weights were added to the modules (LoRA adapters): sizes known to a manager are stale."""
+
 
 @dataclass(frozen=True)
 class ModelKey:
@@ -138,8 +141,11 @@ class CachedModel:
             if view is not None:
                 self._views.move_to_end(stack)
                 return view
+        adapters = len(self._lora_state.adapters)
         for ref in stack:
             self._lora_state.load(ref, self.components)
+        if len(self._lora_state.adapters) != adapters:
+            self.residency.modules_changed(self.handle)
         view = CachedModel(replace(self.key, loras=stack), self.components, self.handle, self.residency,
                            self._lora_state)
         with self._lock:

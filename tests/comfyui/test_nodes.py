@@ -223,9 +223,12 @@ def test_lora_node_lists_the_loras_folder_and_chains(tiny, lora_in_folder):
 
 
 def test_new_lora_strengths_reuse_the_loaded_base_and_unload_keeps_them_working(tiny, lora_in_folder):
+    run(tiny, picture(16, 16), steps=1)
+    unet_size = ours_in_comfyui()["IP2PUNet"].model_size()
     loads = MODEL_CACHE.loads
     outs = [run(IP2PLoraLoader.execute(tiny, "style.safetensors", s)[0], picture())[0] for s in (1.0, 0.5, 1.0)]
     assert MODEL_CACHE.loads == loads, "a strength change must not read the base weights again"
+    assert ours_in_comfyui()["IP2PUNet"].model_size() > unet_size, "ComfyUI's budget counts the adapters"
     assert torch.equal(outs[0], outs[2]) and not torch.equal(outs[0], outs[1])
     assert torch.equal(run(IP2PLoraLoader.execute(tiny, "style.safetensors", 0.0)[0], picture())[0],
                        run(tiny, picture())[0])
