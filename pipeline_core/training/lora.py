@@ -79,9 +79,9 @@ def save_lora(out: Path, unet) -> tuple[Path, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = unet.peft_config["default"]
-    # Readers apply alpha / rank, and each finds alpha somewhere else (diffusers in the file's metadata since
-    # 0.35, kohya readers in `.alpha` keys, some nowhere) and takes alpha = rank when it finds none. Folding the
-    # scale into lora_B makes the files exactly the trained LoRA with alpha = rank: right for every reader.
+    # Readers apply alpha / rank, and each finds alpha somewhere else (recent diffusers in the file's metadata,
+    # kohya readers in `.alpha` keys, older diffusers nowhere) and takes alpha = rank when it finds none. Folding
+    # the scale into lora_B makes the files exactly the trained LoRA with alpha = rank: right for every reader.
     scale = config.lora_alpha / config.r
     weights = {k: (v * scale if ".lora_B." in k else v).contiguous()
                for k, v in get_peft_model_state_dict(unet).items()}
