@@ -10,10 +10,11 @@ The recipe is the paper's (Brooks et al., CVPR 2023, §3.2 and §3.3; diffusers'
   prompt, which is what the sampler encodes as "no instruction"), 5% the image (zeros), 5% both — without it
   the e_I and e_U passes of :func:`guidance.dual_guidance` would be meaningless.
 
-Full fine-tuning or LoRA on the UNet's attention projections (our own small implementation: peft is not a
-dependency). Optional EMA. Checkpoints hold weights, optimizer, schedule, step, RNG and EMA, so a resumed run
-ends with the same weights as an uninterrupted one. Results are written as a diffusers folder and as one
-``.safetensors`` that :func:`loading.load_single_file` (and ComfyUI) reads.
+Full fine-tuning or LoRA on the UNet's attention projections (peft, as diffusers' LoRA scripts do it; the LoRA
+is also written in diffusers' and kohya's layouts, see :mod:`.lora`). Optional EMA. Checkpoints hold weights,
+optimizer, schedule, step, RNG and EMA, so a resumed run ends with the same weights as an uninterrupted one.
+Results are written as a diffusers folder and as one ``.safetensors`` that :func:`loading.load_single_file` (and
+ComfyUI) reads.
 
 CLI (:mod:`.cli`): ``python -m ip2p_nodes.pipeline_core.training train --model M --data D --out DIR``
 fine-tunes; ``... training toy --out DIR`` trains the embedded toy model from nothing (see :mod:`.toy`).
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from .lora import add_lora, merge_lora, save_lora
 
 log = logging.getLogger(__name__)
 
@@ -216,77 +218,6 @@ def encode_dataset(vae, records: Sequence[TripletRecord], resolution: int | None
     return LatentDataset(torch.cat(ins), torch.cat(outs), [r.instruction for r in records])
 
 
-# ----------------------------------------------------------------------------------------------- LoRA
-
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-class LoRALinear(nn.Module):
-    """``base(x) + scale * up(down(x))``, with ``up`` zero-initialised so training starts at the base model."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None):
-        super().__init__()
-        self.base = base
-        self.down = nn.Linear(base.in_features, rank, bias=False, dtype=base.weight.dtype, device=base.weight.device)
-        self.up = nn.Linear(rank, base.out_features, bias=False, dtype=base.weight.dtype, device=base.weight.device)
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.up.weight)
-        self.scale = (alpha if alpha is not None else rank) / rank
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.up(self.down(x)) * self.scale
-
-    def merged_weight(self) -> torch.Tensor:
-        return self.base.weight + self.scale * (self.up.weight @ self.down.weight)
-
-
-def _attention_linears(unet) -> list[tuple[nn.Module, str, str]]:
-    """(parent module, attribute, full name) of every attention projection LoRA applies to."""
-    found = []
-    for name, module in unet.named_modules():
-        if not (hasattr(module, "to_q") and hasattr(module, "to_out")):
-            continue  # not a diffusers Attention block
-        for target in LORA_TARGETS:
-            parent, attr = (module.to_out, "0") if target == "to_out.0" else (module, target)
-            found.append((parent, attr, f"{name}.{target}"))
-    return found
-
-
-def add_lora(unet, rank: int, alpha: float | None = None) -> list[str]:
-    """Wrap the UNet's attention projections in :class:`LoRALinear`; freezes everything but the LoRA weights."""
-    if rank < 1:
-        raise InputError(f"LoRA rank must be at least 1, got {rank}")
-    unet.requires_grad_(False)
-    names = []
-    for parent, attr, name in _attention_linears(unet):
-        base = parent._modules[attr]
-        if isinstance(base, LoRALinear):
-            raise InputError("the UNet already has LoRA layers; merge or remove them first")
-        parent._modules[attr] = LoRALinear(base, rank, alpha)
-        names.append(name)
-    if not names:
-        raise InputError("the UNet has no attention layers to put LoRA on")
-    return names
-
-
-def remove_lora(unet, merge: bool = False) -> int:
-    """Put the original projections back; with ``merge`` the LoRA update is folded into their weights first."""
-    count = 0
-    for parent, attr, _ in _attention_linears(unet):
-        module = parent._modules[attr]
-        if isinstance(module, LoRALinear):
-            if merge:
-                with torch.no_grad():
-                    module.base.weight.copy_(module.merged_weight())
-            parent._modules[attr] = module.base
-            count += 1
-    return count
-
-
-def lora_state_dict(unet) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in unet.state_dict().items() if ".down.weight" in k or ".up.weight" in k}
-
-
 # ----------------------------------------------------------------------------------------------- EMA
 
 class EMA:
@@ -358,7 +289,7 @@ class Trainer:
 
         unet.train()
         if config.lora_rank:
-            add_lora(unet, config.lora_rank, config.lora_alpha)
+            add_lora(unet, config.lora_rank, config.lora_alpha, seed=config.seed)
         else:
             unet.requires_grad_(True)
         self.train_text = config.text_encoder_lr is not None
@@ -523,16 +454,20 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- results
 
-    def final_modules(self, use_ema: bool = True):
-        """Copies of (unet, text_encoder) as they should be saved: EMA weights if kept, LoRA merged in."""
+    def final_modules(self, use_ema: bool = True, merge: bool = True):
+        """Copies of (unet, text_encoder) as they should be saved: EMA weights if kept, LoRA merged in.
+
+        With ``merge=False`` a LoRA stays an adapter on the UNet copy (for :func:`.lora.save_lora`), so the LoRA
+        file and the merged model are made from the same (EMA) weights.
+        """
         unet, text_encoder = copy.deepcopy(self.unet), copy.deepcopy(self.text_encoder)
         if use_ema and self.ema is not None:
             params = {f"unet.{k}": p for k, p in unet.named_parameters() if f"unet.{k}" in self.ema.shadow}
             params.update({f"text_encoder.{k}": p for k, p in text_encoder.named_parameters()
                            if f"text_encoder.{k}" in self.ema.shadow})
             self.ema.copy_to(params)
-        if self.config.lora_rank:
-            remove_lora(unet, merge=True)
+        if self.config.lora_rank and merge:
+            merge_lora(unet)
         return unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False)
 
 
@@ -581,11 +516,12 @@ def fine_tune(model: str, data: str, out: Path, config: TrainConfig, resolution:
     if (ckpt / CHECKPOINT_NAME).is_file() and not restart:
         trainer.load_checkpoint(ckpt)
     trainer.train(ckpt, progress=progress)
-    unet, text_encoder = trainer.final_modules()
+    unet, text_encoder = trainer.final_modules(merge=False)
     if config.lora_rank:
-        from safetensors.torch import save_file
-
-        lora = {k: v.contiguous() for k, v in lora_state_dict(trainer.unet).items()}
-        save_file(lora, str(out / "lora.safetensors"), metadata={"rank": str(config.lora_rank),
-                                                                 "alpha": str(config.lora_alpha or config.lora_rank)})
+        if trainer.train_text:
+            log.warning("the LoRA files hold the UNet's adapter only; the text encoder training is in the merged "
+                        "model alone")
+        for path in save_lora(out, unet):
+            log.info("wrote LoRA %s", path)
+        merge_lora(unet)
     return save_model(out, unet, components.vae, text_encoder, components.tokenizer, components.scheduler_config)

@@ -1,4 +1,5 @@
-"""The trainer: it learns, it resumes exactly, LoRA comes off cleanly, and what it saves our loader reads."""
+"""The trainer: it learns, it resumes exactly, LoRA comes off cleanly, its LoRA files are ones diffusers reads,
+and what it saves our loader reads."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from ip2p_nodes.pipeline_core import ModelCache, ModelSource
 from ip2p_nodes.pipeline_core.errors import InputError
+from ip2p_nodes.pipeline_core.training.lora import DIFFUSERS_LORA_NAME, KOHYA_LORA_NAME, remove_lora, save_lora
 from ip2p_nodes.pipeline_core.training.trainer import (
     TrainConfig,
     Trainer,
@@ -16,7 +18,6 @@ from ip2p_nodes.pipeline_core.training.trainer import (
     read_data,
     read_folder,
     read_manifest,
-    remove_lora,
     save_model,
     synthetic_records,
 )
@@ -52,8 +53,12 @@ def test_a_few_training_steps_lower_the_loss_on_a_fixed_batch(tmp_path):
     assert after < 0.8 * before, (before, after)
 
 
-def test_resumed_training_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    settings = dict(steps=6, ema_decay=0.9, text_encoder_lr=5e-4, warmup_steps=2, cosine_decay=True)
+@pytest.mark.parametrize("settings", [
+    dict(ema_decay=0.9, text_encoder_lr=5e-4, warmup_steps=2, cosine_decay=True),
+    dict(ema_decay=0.9, lora_rank=4, lora_alpha=8.0, warmup_steps=2),
+], ids=["full", "lora"])
+def test_resumed_training_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path, settings):
+    settings = dict(steps=6, **settings)
     straight = _trainer(tmp_path / "a", **settings)
     straight.train(progress=False)
 
@@ -66,7 +71,11 @@ def test_resumed_training_ends_with_the_same_weights_as_an_uninterrupted_run(tmp
 
     assert resumed.state.step == 6
     a, b = straight.trainable(), resumed.trainable()
-    assert set(a) == set(b) and any(k.startswith("text_encoder.") for k in a)
+    assert set(a) == set(b)
+    if settings.get("lora_rank"):
+        assert all(".lora_A." in k or ".lora_B." in k for k in a)
+    else:
+        assert any(k.startswith("text_encoder.") for k in a)
     for name in a:
         assert torch.equal(a[name], b[name]), name
     for name in straight.ema.shadow:
@@ -90,7 +99,7 @@ def _unet_output(unet, seed=0):
         return unet(x, torch.tensor([10, 500]), encoder_hidden_states=text).sample
 
 
-def test_lora_trained_then_removed_restores_the_base_output_exactly(tmp_path):
+def test_lora_training_changes_only_the_lora_weights_and_removing_it_restores_the_base_exactly(tmp_path):
     parts = _parts(tmp_path)
     unet = parts[0]
     base_out = _unet_output(unet)
@@ -98,11 +107,15 @@ def test_lora_trained_then_removed_restores_the_base_output_exactly(tmp_path):
 
     trainer = _trainer(tmp_path, parts, steps=10, lora_rank=4, learning_rate=1e-2)
     trained = [n for n, p in unet.named_parameters() if p.requires_grad]
-    assert trained and all(n.endswith((".down.weight", ".up.weight")) for n in trained)
+    assert trained and all(".lora_A." in n or ".lora_B." in n for n in trained)
     trainer.train(progress=False)
     assert (_unet_output(unet) - base_out).abs().max() > 1e-3, "LoRA training changed nothing"
+    # peft keeps each wrapped projection's own weight as <name>.base_layer.weight: still bit-identical.
+    base_now = {k.replace(".base_layer.", "."): v for k, v in unet.state_dict().items() if ".lora_" not in k}
+    assert base_now.keys() == base_weights.keys()
+    assert all(torch.equal(v, base_weights[k]) for k, v in base_now.items())
 
-    assert remove_lora(unet) == len(trained) // 2
+    remove_lora(unet)
     assert torch.equal(_unet_output(unet), base_out)
     assert unet.state_dict().keys() == base_weights.keys()
     assert all(torch.equal(v, base_weights[k]) for k, v in unet.state_dict().items())
@@ -114,8 +127,64 @@ def test_lora_merged_into_the_weights_gives_the_lora_output(tmp_path):
     trainer.train(progress=False)
     with_lora = _unet_output(parts[0])
     merged, _ = trainer.final_modules()
-    assert not any(".down." in k for k in merged.state_dict())
+    assert not any("lora" in k for k in merged.state_dict())
     torch.testing.assert_close(_unet_output(merged), with_lora, atol=1e-5, rtol=1e-5)
+
+
+def _pipeline(unet, vae, text_encoder, tokenizer):
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
+
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=EulerAncestralDiscreteScheduler.from_config(tiny_models.SCHEDULER_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _edit_with(pipe, seed=0):
+    """A short IP2P edit through diffusers' own pipeline: the output a LoRA user of diffusers gets."""
+    from ip2p_nodes.pipeline_core.training import synthetic
+
+    picture = torch.from_numpy(next(synthetic.triplets(1, seed=3)).input).permute(2, 0, 1)[None]
+    return pipe("make the circle red", image=picture, num_inference_steps=3, guidance_scale=7.5,
+                image_guidance_scale=1.5, generator=torch.Generator().manual_seed(seed), output_type="pt").images
+
+
+def test_the_lora_files_load_in_diffusers_and_edit_like_the_merged_model(tmp_path):
+    import copy
+
+    parts = _parts(tmp_path)
+    unet, vae, text_encoder, tokenizer, _ = parts
+    base_unet = copy.deepcopy(unet)
+    # alpha != rank and EMA on: the files must carry the scale, and hold the same (EMA) weights as the merge.
+    trainer = _trainer(tmp_path, parts, steps=6, lora_rank=4, lora_alpha=8.0, learning_rate=1e-2, ema_decay=0.5)
+    trainer.train(progress=False)
+    adapted, _ = trainer.final_modules(merge=False)
+    diffusers_file, kohya_file = save_lora(tmp_path / "lora", adapted)
+    assert diffusers_file.name == DIFFUSERS_LORA_NAME and kohya_file.name == KOHYA_LORA_NAME
+    merged, _ = trainer.final_modules()
+
+    base_pipe = _pipeline(base_unet, vae, text_encoder, tokenizer)
+    base = _edit_with(base_pipe)
+    base_pipe.load_lora_weights(str(tmp_path / "lora"))  # finds pytorch_lora_weights.safetensors by its name
+    with_lora = _edit_with(base_pipe)
+    base_pipe.unload_lora_weights()
+    base_pipe.load_lora_weights(str(tmp_path / "lora"), weight_name=KOHYA_LORA_NAME)
+    with_kohya_lora = _edit_with(base_pipe)
+    base_pipe.unload_lora_weights()
+    assert torch.equal(_edit_with(base_pipe), base), "unloading the LoRA did not restore the base model"
+
+    base_pipe.unet = merged
+    with_merged = _edit_with(base_pipe)
+    change = (with_lora - base).abs().max().item()
+    diff = (with_lora - with_merged).abs().max().item()
+    kohya_diff = (with_kohya_lora - with_merged).abs().max().item()
+    print(f"LoRA in diffusers: changes the edit by {change:.3e}; vs the merged model {diff:.2e}, "
+          f"kohya file {kohya_diff:.2e}")
+    assert change > 1e-2, "the LoRA file changed nothing"
+    assert diff < 1e-4 and kohya_diff < 1e-4
 
 
 def test_a_trained_model_saves_as_a_single_file_and_a_folder_that_the_loader_reads(tmp_path):
@@ -175,7 +244,7 @@ def test_fine_tuning_from_the_command_line_resumes_and_writes_a_model_the_loader
     assert "at step 2" in caplog.text
     state = torch.load(str(tmp_path / "run" / "checkpoints" / CHECKPOINT_NAME), weights_only=True)
     assert state["step"] == 4 and len(state["losses"]) == 4
-    assert (tmp_path / "run" / "lora.safetensors").is_file()
+    assert (tmp_path / "run" / DIFFUSERS_LORA_NAME).is_file() and (tmp_path / "run" / KOHYA_LORA_NAME).is_file()
     cache = ModelCache()
     single = ModelSource("single_file", str(tmp_path / "run" / "model.safetensors"))
     model = cache.get(cache.key_for(single, "fp32", "cpu"))
