@@ -263,3 +263,37 @@ def test_the_toy_command_trains_with_exactly_the_shipped_recipe():
     assert parse_config(args) == toy.recipe_config()
     assert args.vae_steps == toy.RECIPE["vae_steps"] and args.triplets == toy.RECIPE["triplets"]
     assert parse_config(build_parser().parse_args(["toy", "--out", "x", "--steps", "5"])).steps == 5
+
+
+def test_the_trainers_lora_files_on_ip2p_load_lora_edit_like_the_merged_model(tmp_path):
+    """The README's loop: train a LoRA, then load it on the base model with the pack's own LoRA loading."""
+    import copy
+
+    from ip2p_nodes.pipeline_core import LoraRef, SeedPlan, edit, encode_instruction
+
+    parts = _parts(tmp_path)
+    unet, vae, text_encoder, tokenizer, _ = parts
+    base_folder, _ = save_model(tmp_path / "base", copy.deepcopy(unet), vae, text_encoder, tokenizer,
+                                tiny_models.SCHEDULER_CONFIG)
+    trainer = _trainer(tmp_path, parts, steps=6, lora_rank=4, lora_alpha=8.0, learning_rate=1e-2)
+    trainer.train(progress=False)
+    adapted, _ = trainer.final_modules(merge=False)
+    lora_files = save_lora(tmp_path / "lora", adapted)
+    merged_unet, merged_te = trainer.final_modules()
+    merged_folder, _ = save_model(tmp_path / "merged", merged_unet, vae, merged_te, tokenizer,
+                                  tiny_models.SCHEDULER_CONFIG)
+
+    cache = ModelCache()
+    picture = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(1))
+
+    def run(folder, loras=()):
+        model = cache.get(cache.key_for(ModelSource("diffusers", str(folder)), "fp32", "cpu", loras))
+        return edit(model, encode_instruction(model, "make the circle red"), picture, SeedPlan.single(4),
+                    steps=3).images
+
+    merged, base = run(merged_folder), run(base_folder)
+    for path in lora_files:
+        with_lora = run(base_folder, (LoraRef.of(path),))
+        diff = (with_lora - merged).abs().max().item()
+        print(f"{path.name} on IP2P Load LoRA vs the merged model: {diff:.2e}")
+        assert (with_lora - base).abs().max().item() > 1e-2 and diff < 1e-4
