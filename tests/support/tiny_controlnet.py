@@ -2,8 +2,8 @@
 
 Built from the IP2P UNet's config as a real ControlNet is from its base model (diffusers' ``from_unet``: the
 UNet's encoder with 4 latent input channels) with the standard hint encoder (16, 32, 96, 256), so the original
-layout's ``input_hint_block.14`` is where the real files have it. Its zero convolutions are trained to zero at
-the start of a real training run; here every weight is perturbed, so its residuals change the edit measurably.
+layout's ``input_hint_block.14`` is where the real files have it. Its zero convolutions start at zero in a real
+training run; here every weight is perturbed, so its residuals change the edit measurably.
 """
 
 from __future__ import annotations
@@ -24,8 +24,16 @@ def make_controlnet(unet_config: dict, seed: int = 7):
     controlnet = ControlNetModel.from_unet(base, load_weights_from_unet=False)
     with torch.no_grad():
         for name, p in controlnet.named_parameters():
-            zero_conv = name.startswith(("controlnet_down_blocks", "controlnet_mid_block"))
-            p.add_(torch.randn_like(p) * (0.1 if zero_conv else 0.02))
+            if name.startswith("controlnet_cond_embedding") and p.ndim == 4:
+                # He initialisation: the default one shrinks the hint's signal through the encoder's 8 convolutions
+                # until the biases drown it, and then every hint steers alike. Its last convolution, zero in a
+                # fresh ControlNet, is kept small, so the hint steers without drowning the latent.
+                gain = 0.25 if name.startswith("controlnet_cond_embedding.conv_out") else 1.0
+                p.normal_(0.0, gain * (2.0 / p[0].numel()) ** 0.5)
+                continue
+            # Zero-initialised in a fresh ControlNet: the residual convolutions.
+            zero_init = name.startswith(("controlnet_down_blocks", "controlnet_mid_block"))
+            p.add_(torch.randn_like(p) * (0.3 if zero_init else 0.02))
     return controlnet.eval()
 
 
