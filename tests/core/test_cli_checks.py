@@ -63,6 +63,10 @@ def _edit(photo, out, *extra, model=None):
         (["--precision", "fp16", "--device", "cpu"], ["fp16 is not supported on the CPU", "use bf16"]),
         (["--mask", "missing-mask.png"], ["missing-mask.png: no such image file", "check the path"]),
         (["--tokenizer-dir", "no-such-dir"], ["--tokenizer-dir no-such-dir: no such folder", "vocab.json"]),
+        (["--controlnet", "no-such-canny.safetensors", "--control-image", "edges.png"],
+         ["--controlnet no-such-canny.safetensors: no such file or folder", "check the path"]),
+        (["--controlnet", "in.png"], ["--controlnet needs --control-image too"]),
+        (["--control-strength", "3"], ["--control-strength must be a number between 0 and 2, got 3.0"]),
     ],
 )
 def test_bad_settings_are_refused_before_the_model_loads(tmp_path, photo, caplog, no_model_load, extra, said):
