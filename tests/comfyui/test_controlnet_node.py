@@ -75,6 +75,22 @@ def test_the_node_steers_the_samplers_edit_as_the_core_does_and_loads_the_file_o
     assert torch.equal(IP2PSampler.execute(model, off, image, 5, 2, 7.5, 1.5, "euler_ancestral")[0], plain)
 
 
+def test_comfyuis_free_memory_drops_the_loaded_controlnets(env, monkeypatch, caplog):
+    import execution
+
+    from ip2p_nodes.nodes import extension
+
+    monkeypatch.setattr(execution.PromptExecutor, "reset", execution.PromptExecutor.reset)
+    extension.setup()  # hooks the executor's reset, as when ComfyUI loads the pack
+    model = IP2PModelLoader.execute(TINY, "", "fp32")[0]
+    cond = IP2PInstruction.execute(model, "make it winter", "")[0]
+    IP2PApplyControlNet.execute(cond, CONTROLNET, _hint(), 1.0, 0.0, 1.0)
+    assert len(CONTROLNET_CACHE) == 1
+    execution.PromptExecutor(server=None)  # what ComfyUI's worker runs for "free memory"
+    assert len(CONTROLNET_CACHE) == 0
+    assert "released 1 ControlNet(s) from RAM" in caplog.text
+
+
 def test_apply_controlnet_nodes_chain(env):
     model = IP2PModelLoader.execute(TINY, "", "fp32")[0]
     cond = IP2PInstruction.execute(model, "make it winter", "")[0]
