@@ -261,6 +261,9 @@ def edit(
 
     ``denoise`` (0, 1]: edit strength. 1 is the plain sampler (pure-noise start); lower values start from the
     image's own latent, noised, and run the last ``steps * denoise`` steps, so small changes stay small.
+
+    ControlNets on ``cond`` (:func:`.control.add_control`) steer every UNet pass of the steps they cover; their
+    hints follow each picture's region (see :mod:`.control` for the conventions).
     """
     check_conditioning(model, cond)
     c = model.components

@@ -225,8 +225,13 @@ def load_controlnet(path: str | Path, model: CachedModel) -> LoadedControlNet:
     else:
         raise InputError(f"{path}: no such ControlNet file")
     config = controlnet_config(dict(c.unet.config), layout, state, name, model_name)
-    if folder_config is not None and int(folder_config.get("cross_attention_dim", 0)) != config["cross_attention_dim"]:
-        raise InputError(f"{name}: its config.json does not match its weights")
+    if folder_config is not None:
+        if int(folder_config.get("cross_attention_dim", 0)) != config["cross_attention_dim"]:
+            raise InputError(f"{name}: its config.json does not match its weights")
+        # What the weights cannot say: the hint's channel order and pooled hints (shuffle ControlNets).
+        for key in ("controlnet_conditioning_channel_order", "global_pool_conditions"):
+            if key in folder_config:
+                config[key] = folder_config[key]
     if layout == "original":
         state = _to_diffusers_keys(state, config)
     module = _build(config, state, name, model_name, c.device, c.precision.unet).eval().requires_grad_(False)
