@@ -8,6 +8,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from ..pipeline_core import MODEL_CACHE
 from . import memory, model_paths
+from .controlnet import IP2PApplyControlNet
 from .grid import IP2PImageGrid
 from .instruction import IP2PInstruction
 from .loader import IP2PModelLoader
@@ -18,7 +19,7 @@ from .seed_plan import IP2PSeedPlan
 log = logging.getLogger(__name__)
 
 NODES: list[type[io.ComfyNode]] = [
-    IP2PModelLoader, IP2PLoraLoader, IP2PInstruction, IP2PSampler, IP2PSeedPlan, IP2PImageGrid,
+    IP2PModelLoader, IP2PLoraLoader, IP2PInstruction, IP2PSampler, IP2PSeedPlan, IP2PImageGrid, IP2PApplyControlNet,
 ]
 
 

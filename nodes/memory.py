@@ -27,6 +27,7 @@ import torch
 
 from ..pipeline_core.models.cache import ModelCache, Residency
 from ..pipeline_core.models.components import IP2PComponents
+from ..pipeline_core.models.controlnet import CONTROLNET_CACHE
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,10 @@ def release_ram_with_executor_cache(cache: ModelCache) -> bool:
     def reset(self, *args, **kwargs):
         result = current(self, *args, **kwargs)
         dropped = getattr(reset, _HOOKED).clear()
+        # ControlNets are held by conditionings in the executor cache just reset; drop ours with them.
+        controlnets = CONTROLNET_CACHE.clear()
+        if controlnets:
+            log.info("ip2p: ComfyUI freed its caches: released %d ControlNet(s) from RAM", controlnets)
         if dropped:
             log.info("ip2p: ComfyUI freed its caches: released %s from RAM (the next run reloads from disk)",
                      ", ".join(key.describe() for key in dropped))

@@ -21,6 +21,7 @@ import folder_paths
 
 from ..pipeline_core.errors import ModelLoadError
 from ..pipeline_core.models.assets import SAMPLE_IMAGE_NAME, TOY_MODEL_CHOICE, sample_image_path, toy_model_path
+from ..pipeline_core.models.controlnet import CONTROLNET_SUFFIXES
 from ..pipeline_core.models.loading import SINGLE_FILE_SUFFIXES, ModelSource
 
 log = logging.getLogger(__name__)
@@ -147,3 +148,25 @@ def resolve(choice: str, hub_id: str = "") -> ModelSource:
         f"{choice}: not found in the model folders ({', '.join(searched)}); it was moved or deleted — refresh "
         "(R) and pick another model"
     )
+
+
+CONTROLNET_FOLDER = "controlnet"  # ComfyUI's own folder, shared with its Load ControlNet Model node
+
+
+def controlnet_choices() -> list[str]:
+    """ControlNet files in ComfyUI's ``controlnet`` folders that the pack can read."""
+    if CONTROLNET_FOLDER not in folder_paths.folder_names_and_paths:
+        return []
+    return [n for n in folder_paths.get_filename_list(CONTROLNET_FOLDER) if n.lower().endswith(CONTROLNET_SUFFIXES)]
+
+
+def resolve_controlnet(choice: str) -> str:
+    """The full path of a ControlNet picked in the dropdown, or an error saying where it was looked for."""
+    path = folder_paths.get_full_path(CONTROLNET_FOLDER, choice) if choice else None
+    if path is None:
+        folders = ", ".join(folder_paths.get_folder_paths(CONTROLNET_FOLDER))
+        raise ModelLoadError(
+            f"{choice or 'no ControlNet picked'}: not found in the controlnet folders ({folders}); copy a ControlNet "
+            "(e.g. control_v11p_sd15_canny_fp16.safetensors) there, refresh (R) and pick it"
+        )
+    return path

@@ -6,6 +6,7 @@ imports it).
 """
 
 from .editing.conditioning import Conditioning, encode_instruction
+from .editing.control import Control, add_control, make_control
 from .editing.edit import EditResult, edit
 from .editing.guidance import dual_guidance, required_passes
 from .editing.seeds import PlanItem, SeedPlan, make_plan
@@ -13,6 +14,7 @@ from .editing.settings import EditSettings
 from .editing.vae import decode_latents, encode_images
 from .errors import InputError, IP2PError, ModelLoadError
 from .models.cache import MODEL_CACHE, CachedModel, ModelCache, ModelKey, Residency
+from .models.controlnet import CONTROLNET_CACHE, load_controlnet
 from .models.families import FAMILIES
 from .models.loading import ModelSource, load_components, save_single_file
 from .models.lora import LoraRef
@@ -24,5 +26,6 @@ __all__ = [
     "InputError", "IP2PError", "ModelLoadError", "dual_guidance", "required_passes", "ModelSource",
     "load_components", "save_single_file", "EditResult", "decode_latents", "encode_images", "edit",
     "EditSettings", "DEFAULT_SCHEDULER", "AUTO_SCHEDULER", "SCHEDULER_CHOICES", "SCHEDULER_NAMES", "FAMILIES",
-    "PlanItem", "SeedPlan", "make_plan", "LoraRef",
+    "PlanItem", "SeedPlan", "make_plan", "LoraRef", "Control", "add_control", "make_control", "CONTROLNET_CACHE",
+    "load_controlnet",
 ]

@@ -127,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="a LoRA file (kohya/A1111 or diffusers format) to apply, at STRENGTH (-4..4, default 1); "
                         "repeat for several, e.g. --lora style.safetensors:0.7 --lora detail.safetensors")
+    e.add_argument("--controlnet", default=None,
+                   help="a ControlNet of the model's base model (.safetensors in the original or diffusers layout, "
+                        ".pth, or a diffusers folder) that steers the edit by --control-image")
+    e.add_argument("--control-image", default=None,
+                   help="the ControlNet's hint picture (e.g. a Canny edge map of the input), any size")
+    e.add_argument("--control-strength", type=float, default=limits.CONTROL_STRENGTH.default,
+                   help=f"how strongly the hint holds the picture, {_ranged(limits.CONTROL_STRENGTH)}")
     e.add_argument("--tokenizer-dir", default=None,
                    help="CLIP tokenizer folder (vocab.json + merges.txt) for single-file SD1.5 checkpoints")
 
@@ -218,6 +225,9 @@ class EditJob:
     # (text, image) guidance as given; None: the model family's default, known once the model is loaded
     guidance: tuple[float | None, float | None] = (None, None)
     loras: tuple[LoraRef, ...] = ()  # files checked to exist; their layers are checked against the model on load
+    controlnet: Path | None = None  # checked to exist; loaded (and checked against the model) after the model
+    control_image: torch.Tensor | None = None  # IMAGE [1, H, W, 3]
+    control_strength: float = limits.CONTROL_STRENGTH.default
 
 
 def output_paths(output: str, count: int) -> list[Path]:
@@ -272,10 +282,30 @@ def check_edit_args(args: argparse.Namespace) -> EditJob:
             raise InputError(f"--lora {text}: {exc}") from None
     image = load_image(args.input)
     mask = load_image(args.mask)[..., 0] if args.mask else None  # grey value of the mask picture, 1 = edit
+    controlnet, control_image, control_strength = check_control_args(args)
     source = ModelSource.from_path(args.model, tokenizer_dir=args.tokenizer_dir)
     guidance = (None if text_guidance is None else settings.text_guidance,
                 None if image_guidance is None else settings.image_guidance)
-    return EditJob(source, device, precision, image, mask, plan, settings, outputs, guidance, tuple(loras))
+    return EditJob(source, device, precision, image, mask, plan, settings, outputs, guidance, tuple(loras),
+                   controlnet, control_image, control_strength)
+
+
+def check_control_args(args: argparse.Namespace) -> tuple[Path | None, torch.Tensor | None, float]:
+    """--controlnet, --control-image and --control-strength, checked before the model loads."""
+    from .editing.checks import check_float
+    from .editing.images import load_image
+
+    strength = check_float(args.control_strength, "--control-strength", limits.CONTROL_STRENGTH)
+    if args.controlnet is None and args.control_image is None:
+        return None, None, strength
+    if args.controlnet is None or args.control_image is None:
+        given, missing = ("--controlnet", "--control-image") if args.control_image is None else (
+            "--control-image", "--controlnet")
+        raise InputError(f"{given} needs {missing} too: the ControlNet steers by its hint picture")
+    path = Path(args.controlnet).expanduser()
+    if not path.exists():
+        raise InputError(f"--controlnet {args.controlnet}: no such file or folder ({path.resolve()}); check the path")
+    return path, load_image(args.control_image), strength
 
 
 def run_edit(args: argparse.Namespace) -> list[Path]:
@@ -287,6 +317,12 @@ def run_edit(args: argparse.Namespace) -> list[Path]:
     job = check_edit_args(args)
     model = MODEL_CACHE.get(MODEL_CACHE.key_for(job.source, job.precision, job.device, job.loras))
     cond = encode_instruction(model, args.instruction, args.negative)
+    if job.controlnet is not None:
+        from .editing.control import add_control, make_control
+        from .models.controlnet import load_controlnet
+
+        controlnet = load_controlnet(job.controlnet, model)
+        cond = add_control(cond, make_control(controlnet, job.control_image, job.control_strength))
     s = job.settings
     result = edit(model, cond, job.image, job.plan, steps=s.steps, text_guidance=job.guidance[0],
                   image_guidance=job.guidance[1], scheduler=s.scheduler, progress=_progress_bar("editing"),

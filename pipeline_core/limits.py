@@ -34,6 +34,11 @@ SEED = Range(0, 2**64 - 1, 0)
 FEATHER = Range(0, 1024, 0)
 MAX_BATCH = Range(1, 64, 4)
 PLAN_ITEMS = 256
+# ControlNet: strength multiplies its residuals (above 2 they swamp the edit); start/end are fractions of the
+# schedule (see pipeline_core/editing/control.py).
+CONTROL_STRENGTH = Range(0.0, 2.0, 1.0, 0.01)
+CONTROL_START = Range(0.0, 1.0, 0.0, 0.01)
+CONTROL_END = Range(0.0, 1.0, 1.0, 0.01)
 
 # Working resolution: the side of the square whose area the model edits at (0 = the model's own).
 WORKING_RESOLUTION = Range(64, 4096, 0, 64)

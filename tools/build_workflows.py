@@ -84,6 +84,7 @@ MODEL_WIDGETS = {
     "CheckpointLoaderSimple": "ckpt_name",
     "ControlNetLoader": "control_net_name",
     "IP2PModelLoader": "model",
+    "IP2PApplyControlNet": "control_net",
 }
 
 GROUP_COLORS = {"native": "#3f789e", "ip2p": "#8A8A3F", "inpaint": "#88A", "out": "#444"}
@@ -460,6 +461,48 @@ def controlnet_edit() -> Workflow:
     return Workflow("controlnet_edit", nodes, links, groups)
 
 
+def controlnet_guided_edit() -> Workflow:
+    chain = ip2p_chain(1, "turn it into a snowy winter scene", seed=11)
+    for n in chain:
+        if n.key == "edit":
+            n.col = 3  # after the ControlNet, which sits between the instruction and the sampler
+    return Workflow(
+        "controlnet_guided_edit",
+        nodes=[
+            Node("image", "LoadImage", 0, {"image": "example.png"}, title="Load Image (your picture)"),
+            Node("canny", "Canny", 0, {"low_threshold": 0.4, "high_threshold": 0.8}),
+            Node("edges", "PreviewImage", 0, title="Edges", width=260, height=300),
+            *chain,
+            Node("apply", "IP2PApplyControlNet", 2,
+                 {"control_net": model_files.CONTROLNET_NAME, "strength": 1.0, "start": 0.0, "end": 1.0}, width=340),
+            Node("save", "SaveImage", 4, {"filename_prefix": "ip2p/controlnet_guided"}, width=360, height=400),
+            note(
+                "note",
+                2,
+                "**ControlNet-guided edit.** The Canny edges of the picture steer the InstructPix2Pix edit through "
+                "an SD1.5 Canny ControlNet, so the edit keeps the picture's outlines.\n\n"
+                "* **strength** (0.5-1): how firmly the edges hold; 0 turns the ControlNet off.\n"
+                "* **start / end**: the part of the steps it steers; end 0.5-0.8 leaves fine detail free.\n\n"
+                "Models: `instruct-pix2pix-00-22000.safetensors` in `models/instructpix2pix/`, "
+                "`control_v11p_sd15_canny_fp16.safetensors` in `models/controlnet/`.",
+                width=340,
+                height=260,
+            ),
+        ],
+        links=[
+            ("image", "IMAGE", "canny", "image"),
+            ("canny", "IMAGE", "edges", "images"),
+            ("ip2p_model", "model", "instruction", "model"),
+            ("ip2p_model", "model", "edit", "model"),
+            ("instruction", "conditioning", "apply", "conditioning"),
+            ("canny", "IMAGE", "apply", "image"),
+            ("apply", "conditioning", "edit", "conditioning"),
+            ("image", "IMAGE", "edit", "image"),
+            ("edit", "image", "save", "images"),
+        ],
+    )
+
+
 def toy_demo() -> Workflow:
     # The toy model's best text guidance in its evaluation (pipeline_core.demo.TOY_TEXT_GUIDANCE); 7.5
     # over-saturates it.
@@ -548,7 +591,8 @@ def cosxl_edit() -> Workflow:
 
 WORKFLOWS = {
     w.__name__: w
-    for w in (basic_edit, txt2img_edit_inpaint, guidance_sweep, batch_edit, controlnet_edit, toy_demo, cosxl_edit)
+    for w in (basic_edit, txt2img_edit_inpaint, guidance_sweep, batch_edit, controlnet_edit, toy_demo, cosxl_edit,
+              controlnet_guided_edit)
 }
 assert list(WORKFLOWS) == example_workflows.KEYS, "every shipped workflow has a spec and a title"
 

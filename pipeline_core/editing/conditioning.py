@@ -26,6 +26,8 @@ class Conditioning:
     negative_embeds: torch.Tensor
     instruction_pooled: torch.Tensor | None = None  # [1, pooled_dim] for families with pooled text (SDXL)
     negative_pooled: torch.Tensor | None = None
+    # ControlNets steering the edit (:class:`.control.Control`), in the order they were applied; chaining appends.
+    controls: tuple = ()
 
 
 def encode_instruction(model: CachedModel, instruction: str, negative: str = "") -> Conditioning:

@@ -2,16 +2,20 @@
 
 As in k-diffusion, the sampling loop (:mod:`.sampling`) only asks "what is the guided prediction for these
 latents at this timestep"; everything a prediction depends on — which guidance passes run, the image latent
-and its scaling, the text embeddings, SDXL's pooled text and size conditioning — is set up here once per batch.
+and its scaling, the text embeddings, SDXL's pooled text and size conditioning, ControlNet hints — is set up here
+once per batch.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
 from ..models.cache import CachedModel
 from . import guidance
 from .conditioning import Conditioning
+from .control import BatchControl, sum_residuals
 
 
 class Denoiser:
@@ -20,10 +24,12 @@ class Denoiser:
     ``image_latents`` ``[n,4,h,w]`` are unscaled VAE latents of each item's picture; the family says how the UNet
     sees them (:meth:`Family.image_latent_scale`). ``time_ids`` ``[n,k]`` is the family's size conditioning, or
     None. The passes are batched in the paper's order (text, image, uncond), only those the scales need.
+    ``controls``: the conditioning's active ControlNets with their hints at this batch's working frame
+    (see :mod:`.control`); each runs on every pass of the steps it steers.
     """
 
     def __init__(self, model: CachedModel, cond: Conditioning, image_latents: torch.Tensor, s_t: float, s_i: float,
-                 time_ids: torch.Tensor | None = None):
+                 time_ids: torch.Tensor | None = None, controls: Sequence[BatchControl] = ()):
         c = model.components
         self.unet = c.unet
         self.dtype = c.precision.unet
@@ -52,18 +58,31 @@ class Denoiser:
                 "time_ids": time_ids.to(device, torch.float32).repeat(len(self.passes), 1),
             }
         self.channels_last = self.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        self.controls = list(controls)
 
     @property
     def batch_multiplier(self) -> int:
         """UNet batch entries per item: the number of guidance passes."""
         return len(self.passes)
 
-    def __call__(self, scaled_latents: torch.Tensor, t) -> torch.Tensor:
-        """Guided prediction (noise, or v for v-prediction models) for ``scheduler.scale_model_input`` output."""
-        unet_in = torch.cat([torch.cat([scaled_latents] * len(self.passes)), self.cond_images], dim=1).to(self.dtype)
+    def __call__(self, scaled_latents: torch.Tensor, t, fraction: float = 0.0) -> torch.Tensor:
+        """Guided prediction (noise, or v for v-prediction models) for ``scheduler.scale_model_input`` output.
+
+        ``fraction``: where this step lies in the whole schedule (step index / steps), for ControlNet start/end.
+        """
+        noisy = torch.cat([scaled_latents] * len(self.passes))
+        unet_in = torch.cat([noisy, self.cond_images], dim=1).to(self.dtype)
         if self.channels_last:
             unet_in = unet_in.contiguous(memory_format=torch.channels_last)
         kwargs = {} if self.added_cond is None else {"added_cond_kwargs": self.added_cond}
+        steering = [c for c in self.controls if c.control.steers(fraction)]
+        if steering:
+            # The ControlNets see the 4-channel noisy latent of every pass, never the image latent.
+            down, mid = sum_residuals([
+                c.residuals(noisy, t, self.encoder_states, len(self.passes), self.added_cond) for c in steering
+            ])
+            kwargs["down_block_additional_residuals"] = down
+            kwargs["mid_block_additional_residual"] = mid
         out = self.unet(unet_in, t, encoder_hidden_states=self.encoder_states, return_dict=False, **kwargs)[0]
         predictions = dict(zip(self.passes, out.float().chunk(len(self.passes))))
         # Guidance is linear in the prediction, so it is the same for eps, v and x0 predictions.

@@ -23,6 +23,7 @@ import torch
 from ..models.cache import CachedModel
 from . import guidance, resolution
 from .conditioning import Conditioning, check_conditioning
+from .control import BatchControl, check_hints, hint_frame
 from .denoiser import Denoiser
 from .images import to_rgb, warn_if_tiny
 from .masks import prepare_masks
@@ -116,6 +117,27 @@ def plan_batches(regions: list[Region], latent_shapes: list[tuple], guidances: l
     return jobs, batches
 
 
+def batch_controls(model: CachedModel, cond: Conditioning, pictures: list[int],
+                   regions: list[Region]) -> list[BatchControl]:
+    """The conditioning's active ControlNets with each item's hint at its region's working frame.
+
+    A hint is cut and resized exactly as its picture (:func:`.control.hint_frame`), so in crop-to-mask mode the
+    ControlNet sees the hint of the box that is edited.
+    """
+    out = []
+    for control in cond.controls:
+        if not control.active:
+            continue  # strength 0 or no steered step: not run at all, so the edit is the one without it
+        frames = []
+        for b in pictures:
+            region = regions[b]
+            hint = control.hint[b if control.hint.shape[0] > 1 else 0][None]
+            frames.append(hint_frame(hint, tuple(region.image.shape[:2]), region.box, region.size.content,
+                                     model.components.vae_scale_factor))
+        out.append(BatchControl(control, torch.cat(frames)))
+    return out
+
+
 def sample_batch(model: CachedModel, cond: Conditioning, batch: Batch, jobs: list[tuple[int, int]],
                  regions: list[Region], image_latents: list[torch.Tensor], items: list[PlanItem],
                  scheduler_name: str, settings: EditSettings, on_step) -> torch.Tensor:
@@ -131,7 +153,8 @@ def sample_batch(model: CachedModel, cond: Conditioning, batch: Batch, jobs: lis
             top, left, bottom, right = regions[b].box
             ids.append(family.time_ids(c, (bottom - top, right - left), regions[b].size.content))
         time_ids = torch.cat(ids)
-    denoiser = Denoiser(model, cond, latents, batch.text_guidance, batch.image_guidance, time_ids)
+    denoiser = Denoiser(model, cond, latents, batch.text_guidance, batch.image_guidance, time_ids,
+                        batch_controls(model, cond, pictures, regions))
     lmask = None
     batch_regions = [regions[b] for b in pictures]
     if any(r.latent_mask is not None for r in batch_regions):
@@ -238,6 +261,9 @@ def edit(
 
     ``denoise`` (0, 1]: edit strength. 1 is the plain sampler (pure-noise start); lower values start from the
     image's own latent, noised, and run the last ``steps * denoise`` steps, so small changes stay small.
+
+    ControlNets on ``cond`` (:func:`.control.add_control`) steer every UNet pass of the steps they cover; their
+    hints follow each picture's region (see :mod:`.control` for the conventions).
     """
     check_conditioning(model, cond)
     c = model.components
@@ -254,6 +280,7 @@ def edit(
     scheduler_name = c.spec.resolve_scheduler(settings.scheduler, c.scheduler_config)  # bad name: fail now
     images = check_images(images)
     batch, height, width = images.shape[:3]
+    check_hints([ctl for ctl in cond.controls if ctl.active], batch)
     masks = prepare_masks(mask, batch, height, width)
     if masks is not None:
         masks = masks.to(images.device)

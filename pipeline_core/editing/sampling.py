@@ -66,6 +66,8 @@ def sample(
     n = len(seeds)
     scheduler.set_timesteps(steps, device=device)
     timesteps = scheduler.timesteps
+    schedule_length = len(timesteps)
+    first = 0  # index of the first step run in the whole schedule
     gens = generators(seeds)
 
     # 1. Initial noise, one generator per item, drawn on the CPU as diffusers' randn_tensor does.
@@ -74,7 +76,8 @@ def sample(
         # As diffusers' img2img: skip the first part of the schedule and noise the image's latent to where the
         # rest begins; begin_index lets schedulers that look timesteps up find the right sigma.
         t_start = steps - strength_steps(steps, strength)
-        timesteps = timesteps[t_start * scheduler.order :]
+        first = t_start * scheduler.order
+        timesteps = timesteps[first:]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(t_start * scheduler.order)
         latents = scheduler.add_noise(original, initial_noise, timesteps[:1].repeat(n))
@@ -86,7 +89,8 @@ def sample(
 
     # 2. Denoising loop.
     for i, t in enumerate(timesteps):
-        prediction = denoiser(scheduler.scale_model_input(latents, t), t)
+        # The step's place in the whole schedule (not in the part denoise runs): ControlNet start/end read it.
+        prediction = denoiser(scheduler.scale_model_input(latents, t), t, (first + i) / schedule_length)
         out = scheduler.step(prediction, t, latents, **step_kwargs, return_dict=True)
         latents = out.prev_sample
         denoised = getattr(out, "pred_original_sample", None)

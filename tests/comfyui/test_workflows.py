@@ -49,7 +49,11 @@ MODEL_WIDGETS = {
     "IP2PModelLoader": model_files.IP2P_NAME,
     "CheckpointLoaderSimple": model_files.SD15_NAME,
     "ControlNetLoader": model_files.CONTROLNET_NAME,
+    "IP2PApplyControlNet": model_files.CONTROLNET_NAME,
 }
+# What a run uses instead of the named file: the real-size SD1.5 ControlNet cannot steer the tiny IP2P model that
+# stands in for instruct-pix2pix-00-22000 (the pack refuses it, naming it), so the run swaps in one of its shape.
+RUN_MODELS = {"IP2PApplyControlNet": {"control_net": model_files.TINY_CONTROLNET_NAME}}
 # The toy demo names the pack's embedded model, which every install has.
 MODEL_WIDGETS_OF = {
     "toy_demo": {"IP2PModelLoader": TOY_MODEL_CHOICE},
@@ -76,6 +80,7 @@ EXPECTED_IMAGES = {
     "controlnet_edit": {"ip2p/controlnet": (1, RUN_SIZE), "ip2p/controlnet_edited": (1, RUN_SIZE)},
     "toy_demo": {"ip2p/toy_edit": (1, TOY_SIZE), "ip2p/toy_edit_x8": (1, 8 * TOY_SIZE)},
     "cosxl_edit": {"ip2p/cosxl_edit": (1, RUN_SIZE)},
+    "controlnet_guided_edit": {"ip2p/controlnet_guided": (1, RUN_SIZE)},
 }
 GRID_ROWS = {"ip2p/sweep_grid": 6, "ip2p/batch_grid": 3}
 
@@ -218,7 +223,8 @@ def object_info(server) -> dict:
 
 
 def shrink(prompt: dict, name: str) -> dict:
-    """The same graph at the test's cost: RUN_STEPS steps, RUN_SIZE px latents (input images are RUN_SIZE)."""
+    """The same graph at the test's cost: RUN_STEPS steps, RUN_SIZE px latents (input images are RUN_SIZE), and
+    the models of :data:`RUN_MODELS`."""
     prompt = json.loads(json.dumps(prompt))
     if name in AS_SHIPPED:
         return prompt
@@ -228,6 +234,7 @@ def shrink(prompt: dict, name: str) -> dict:
             inputs["steps"] = RUN_STEPS
         if node["class_type"] == "EmptyLatentImage":
             inputs.update(width=RUN_SIZE, height=RUN_SIZE)
+        inputs.update(RUN_MODELS.get(node["class_type"], {}))
     return prompt
 
 

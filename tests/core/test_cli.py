@@ -97,3 +97,27 @@ def test_cli_lora_gives_the_picture_of_the_same_lora_through_the_api(tmp_path, p
     got = np.asarray(Image.open(out)).astype(np.float32) / 255
     assert np.abs(got - expected.numpy()).max() <= 1 / 255 + 1e-6  # the file is 8-bit
     assert not np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(out)))
+
+
+def test_cli_controlnet_steers_the_edit_and_strength_0_turns_it_off(tmp_path, photo, tiny_folder):
+    from support import tiny_controlnet
+
+    controlnet = tiny_controlnet.write_original_file(
+        tiny_controlnet.make_controlnet(tiny_controlnet.unet_config_of(tiny_folder)), tmp_path / "canny.safetensors")
+    hint = np.zeros((90, 122), dtype=np.uint8)  # another size than the input: stretched to it
+    hint[20:60:8, :] = 255
+    hint[:, 30:100:16] = 255
+    Image.fromarray(hint).save(tmp_path / "edges.png")
+
+    def run(name, *extra):
+        rc = cli.main(["edit", str(photo), "make it winter", "-o", str(tmp_path / name), "--model", str(tiny_folder),
+                       "--steps", "2", "--precision", "fp32", *extra])
+        assert rc == 0
+        return np.asarray(Image.open(tmp_path / name))
+
+    control = ["--controlnet", str(controlnet), "--control-image", str(tmp_path / "edges.png")]
+    plain, steered = run("plain.png"), run("steered.png", *control)
+    off = run("off.png", *control, "--control-strength", "0")
+    assert steered.shape == plain.shape == (45, 61, 3)
+    assert np.abs(steered.astype(int) - plain.astype(int)).max() > 5
+    assert np.array_equal(off, plain)

@@ -65,6 +65,10 @@ def _edit(photo, out, *extra, model=None):
         (["--tokenizer-dir", "no-such-dir"], ["--tokenizer-dir no-such-dir: no such folder", "vocab.json"]),
         (["--lora", "no-such-lora.safetensors:0.5"], ["--lora no-such-lora.safetensors:0.5: LoRA file not found"]),
         (["--lora", f"{__file__}:0.5"], ["not a LoRA weights file (expected one of .safetensors"]),
+        (["--controlnet", "no-such-canny.safetensors", "--control-image", "edges.png"],
+         ["--controlnet no-such-canny.safetensors: no such file or folder", "check the path"]),
+        (["--controlnet", "in.png"], ["--controlnet needs --control-image too"]),
+        (["--control-strength", "3"], ["--control-strength must be a number between 0 and 2, got 3.0"]),
     ],
 )
 def test_bad_settings_are_refused_before_the_model_loads(tmp_path, photo, caplog, no_model_load, extra, said):

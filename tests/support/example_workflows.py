@@ -21,6 +21,7 @@ TITLES = {
     "controlnet_edit": "ControlNet, then edit",
     "toy_demo": "Toy demo, no download",
     "cosxl_edit": "CosXL masked edit",
+    "controlnet_guided_edit": "ControlNet guided edit",
 }
 KEYS = list(TITLES)
 TITLE_CHARS = 28

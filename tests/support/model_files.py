@@ -9,6 +9,8 @@ anything, the tests write files of the same architectures with random weights un
 - ``control_v11p_sd15_canny_fp16.safetensors``: a full-size SD1.5 ControlNet in the original ControlNet 1.1
   key layout (``input_blocks``, ``zero_convs``, ``input_hint_block`` ...), fp16, as the real file
   (comfyanonymous/ControlNet-v1-1_fp16_safetensors) has it and ComfyUI's ``ControlNetLoader`` reads it.
+- ``tiny_canny_for_tiny_ip2p.safetensors``: a tiny ControlNet of the tiny IP2P model's shape (original layout),
+  which steers the edit where a workflow's IP2P Apply ControlNet names the real-size file.
 - ``instruct-pix2pix-00-22000.safetensors``: the tiny SD1.5-shaped InstructPix2Pix model of
   :mod:`tiny_models` as one LDM-layout file (with its configs and vocabulary in the metadata), which the
   pack's loader reads. The pack only ever sees its own loader's output, so its cost stays small.
@@ -35,6 +37,9 @@ SD15_NAME = "v1-5-pruned-emaonly-fp16.safetensors"
 CONTROLNET_NAME = "control_v11p_sd15_canny_fp16.safetensors"
 IP2P_NAME = "instruct-pix2pix-00-22000.safetensors"
 COSXL_NAME = "cosxl_edit.safetensors"
+# A ControlNet of the tiny IP2P model's shape: the real-size SD1.5 one above cannot steer the tiny model (the pack
+# refuses it by its widths), so runs of workflows whose IP2P Apply ControlNet names the real file use this one.
+TINY_CONTROLNET_NAME = "tiny_canny_for_tiny_ip2p.safetensors"
 
 CONFIG_DIR = Path(__file__).parents[2] / "pipeline_core" / "models" / "configs" / "sd15"
 
@@ -143,6 +148,14 @@ def write_ip2p_checkpoint(path: Path, seed: int = 0) -> Path:
     return save_single_file((unet, vae, text_encoder), path, tokenizer_dir=tokenizer_dir)
 
 
+def write_tiny_controlnet(path: Path, seed: int = 0) -> Path:
+    """A random ControlNet (original layout) of the shape of :func:`write_ip2p_checkpoint`'s tiny model."""
+    from . import tiny_controlnet
+
+    unet = tiny_models.make_components(seed)[0]
+    return tiny_controlnet.write_original_file(tiny_controlnet.make_controlnet(dict(unet.config)), path)
+
+
 def write_full_size_ip2p_checkpoint(path: Path, seed: int = 0) -> Path:
     """A full-size SD1.5 InstructPix2Pix checkpoint (8-channel UNet, VAE, CLIP-L; random fp16 weights).
 
@@ -194,6 +207,7 @@ def write_model_tree(root: Path) -> dict[str, Path]:
     for key, name, writer in (
         ("checkpoints", SD15_NAME, write_sd15_checkpoint),
         ("controlnet", CONTROLNET_NAME, write_controlnet),
+        ("controlnet", TINY_CONTROLNET_NAME, write_tiny_controlnet),
         ("instructpix2pix", IP2P_NAME, write_ip2p_checkpoint),
         ("checkpoints", COSXL_NAME, write_cosxl_checkpoint),
     ):
