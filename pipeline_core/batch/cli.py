@@ -50,8 +50,11 @@ def add_batch_parser(sub, edit_parser: argparse.ArgumentParser, formatter_class)
                         "default: a Ray instance on this machine")
     b.add_argument("--workers", type=int, default=None,
                    help="with --engine ray: actors, each holding one model (default: one per GPU, else one per "
-                        "--cpus-per-worker CPUs)")
-    b.add_argument("--cpus-per-worker", type=int, default=1, help="with --engine ray: CPUs (torch threads) per actor")
+                        "--threads CPUs)")
+    b.add_argument("--threads", type=int, default=None,
+                   help="CPU threads each worker edits with (default: local, torch's choice; ray, 1, and Ray reserves "
+                        "as many CPUs per worker). On the CPU the thread count can change the last bit of some pixels "
+                        "(sums are split differently), so give both engines the same --threads for identical pictures")
     for action in edit_parser._actions:  # argparse's own `parents=` mechanism shares actions the same way
         if action.dest in SHARED_OPTIONS:
             if action.dest == "seed":
@@ -62,6 +65,8 @@ def add_batch_parser(sub, edit_parser: argparse.ArgumentParser, formatter_class)
 
 
 def check_engine_args(args: argparse.Namespace) -> None:
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be at least 1, got {args.threads}")
     if args.engine == "local":
         for name, value in (("--address", args.address), ("--workers", args.workers)):
             if value is not None:
@@ -72,8 +77,7 @@ def check_engine_args(args: argparse.Namespace) -> None:
     require_ray()
     if args.workers is not None and args.workers < 1:
         raise InputError(f"--workers must be at least 1, got {args.workers}")
-    if args.cpus_per_worker < 1:
-        raise InputError(f"--cpus-per-worker must be at least 1, got {args.cpus_per_worker}")
+
     if args.device is not None and ":" in args.device:
         raise InputError(f"--device {args.device}: with --engine ray each worker gets a GPU of its own from Ray; "
                          "give --device cuda (or cpu)")
@@ -95,7 +99,10 @@ def run_batch_command(args: argparse.Namespace) -> int:
     if local:
         from .engines.local import run as run_local
 
-        return _run(rows, sampler, args, out, run_local)
+        def local_engine(spec, tasks, on_outcome):
+            run_local(spec, tasks, on_outcome, threads=args.threads)
+
+        return _run(rows, sampler, args, out, local_engine)
     from .engines import ray as ray_engine
 
     started = ray_engine.connect(args.address)
@@ -106,7 +113,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
             sampler = check_sampler_args(args, check_device_here=False)
 
         def engine(spec, tasks, on_outcome):
-            ray_engine.run(spec, tasks, on_outcome, workers=args.workers, cpus_per_worker=args.cpus_per_worker)
+            ray_engine.run(spec, tasks, on_outcome, workers=args.workers, threads=args.threads or 1)
 
         return _run(rows, sampler, args, out, engine)
     finally:

@@ -23,16 +23,6 @@ from support.batch_data import INSTRUCTIONS, TOY_ARGS, mixed_rows, results, trip
 
 
 @pytest.fixture
-def no_model_load(monkeypatch):
-    """Loading any model fails the test: what is under test must happen without one."""
-
-    def refuse(self, key):
-        raise AssertionError(f"{key.describe()} was loaded")
-
-    monkeypatch.setattr(ModelCache, "get", refuse)
-
-
-@pytest.fixture
 def loads(monkeypatch):
     """Counts the rows actually edited (each edit of a row encodes its picture once)."""
     from ip2p_nodes.pipeline_core.batch import work

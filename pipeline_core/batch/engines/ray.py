@@ -1,9 +1,9 @@
 """The Ray engine: Ray Data streams the tasks through a pool of actors that each hold one loaded model.
 
-``ray.data.from_items(tasks)`` → ``map_batches(EditActor, concurrency=N)`` → the driver iterates the results and
-commits each one. The shape is Ray Data's batch inference pattern (a callable class whose constructor loads the
-model once; the pool is sized by ``concurrency``; ``num_gpus=1`` gives each actor its own GPU, with
-``CUDA_VISIBLE_DEVICES`` set by Ray, so every actor runs on ``cuda``).
+``ray.data.from_items(tasks)`` → ``map_batches(EditActor, compute=ActorPoolStrategy(size=N))`` → the driver
+iterates the results and commits each one. The shape is Ray Data's batch inference pattern (a callable class
+whose constructor loads the model once, in a fixed pool of N actors; ``num_gpus=1`` gives each actor its own GPU,
+with ``CUDA_VISIBLE_DEVICES`` set by Ray, so every actor runs on ``cuda``).
 
 - One task per block: Ray Data hands a block's outputs back when the block is done, so one row a block is what
   lets the driver commit each picture as soon as it exists (a crash then loses at most the rows in flight).
@@ -56,12 +56,12 @@ def cluster_gpus() -> int:
     return int(require_ray().cluster_resources().get("GPU", 0))
 
 
-def default_workers(gpu: bool, cpus_per_worker: float) -> int:
+def default_workers(gpu: bool, threads: int) -> int:
     """One worker per GPU, or as many CPU workers as the cluster's CPUs allow."""
     resources = require_ray().cluster_resources()
     if gpu:
         return max(1, int(resources.get("GPU", 0)))
-    return max(1, int(resources.get("CPU", 1) // max(cpus_per_worker, 1)))
+    return max(1, int(resources.get("CPU", 1) // threads))
 
 
 class EditActor:
@@ -89,20 +89,21 @@ class EditActor:
 
 
 def run(spec: JobSpec, tasks: Iterable[Task], on_outcome: Callable[[Outcome], None], workers: int | None = None,
-        address: str | None = None, cpus_per_worker: int = 1) -> None:
+        address: str | None = None, threads: int = 1) -> None:
     """Edit ``tasks`` on Ray (a local instance, or the cluster at ``address``), handing back outcomes as they come."""
     ray = require_ray()
     tasks = list(tasks)
     started = connect(address)
     try:
         gpu = spec.device.startswith("cuda")
-        workers = workers or default_workers(gpu, cpus_per_worker)
+        workers = workers or default_workers(gpu, threads)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the job's own bar counts committed pictures, with an ETA
         items = [{"task": json.dumps(t.to_json())} for t in tasks]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            EditActor, fn_constructor_kwargs={"spec": spec, "threads": cpus_per_worker}, batch_size=1,
-            batch_format="pyarrow", concurrency=workers, num_cpus=cpus_per_worker, num_gpus=1 if gpu else 0,
+            EditActor, fn_constructor_kwargs={"spec": spec, "threads": threads}, batch_size=1,
+            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=threads,
+            num_gpus=1 if gpu else 0,
         )
         log.info("batch: %d rows on Ray, %d %s workers", len(tasks), workers, "GPU" if gpu else "CPU")
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
