@@ -127,5 +127,8 @@ def _run(rows, sampler, args: argparse.Namespace, out, engine) -> int:
 
     spec = JobSpec(sampler.source, sampler.precision, sampler.device, sampler.settings, sampler.guidance,
                   args.negative, sampler.loras)
-    summary = run_job(rows, spec, out, engine, seed=args.seed)
+    try:
+        summary = run_job(rows, spec, out, engine, seed=args.seed)
+    except KeyboardInterrupt:
+        return 130  # the shell's status for Ctrl-C; the job logged how far it got
     return 1 if summary.failed else 0

@@ -201,6 +201,11 @@ def run_job(rows: list[Row | BadRow], spec: JobSpec, out: str | Path, engine: En
         try:
             if todo:
                 engine(spec, [p.task for p in todo], on_outcome)
+        except KeyboardInterrupt:
+            # Everything committed so far stays done (see .store); the same command carries on from there.
+            log.warning("batch: stopped with %d of %d rows edited; run the same command again to go on",
+                        len(summary.edited), len(todo))
+            raise
         finally:
             bar.close()
             summary.seconds = time.monotonic() - start

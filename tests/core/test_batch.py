@@ -216,3 +216,11 @@ def test_arguments_are_checked_before_the_model_loads(tmp_path, caplog, no_model
     extra = [] if extra == ["--no-instruction"] else extra
     assert cli.main(["batch", str(tmp_path / "in"), "--out", str(out), *instruction, *TOY_ARGS, *extra]) == 2
     assert said in caplog.text
+
+
+def test_the_ray_engine_without_ray_says_how_to_install_it(tmp_path, caplog, monkeypatch, no_model_load):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed: `import ray` fails
+    write_pictures(tmp_path / "in", 1)
+    assert _batch(tmp_path / "in", "--out", tmp_path / "out", "--instruction", "x", "--engine", "ray") == 2
+    assert 'pip install "ip2p-nodes[ray]"' in caplog.text
+    assert not (tmp_path / "out").exists()  # refused before anything was written
