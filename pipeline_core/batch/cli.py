@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
 
 from ..errors import InputError
-
-log = logging.getLogger("ip2p_nodes.cli")
 
 # The edit command's options that mean the same for every row of a batch. Not borrowed: the input, instruction
 # and output (a batch has rows and a folder), --count/--seed-mode (a row is one picture; give rows their own

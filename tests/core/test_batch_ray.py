@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -93,3 +95,20 @@ def test_a_worker_killed_mid_job_still_gives_every_row_once_with_the_same_pictur
     assert results(out) == results(local)
     assert sorted(r["row"] for r in triplets(out)) == list(range(1, 25))
     print(f"\n[ray kill] first run ended with status {status.get('rc')} and {done_first}/24 rows in")
+
+
+def test_a_job_joins_a_running_cluster_by_its_address(local_ray, job, tmp_path):
+    """`ray start --head` then `ip2p-edit batch ... --engine ray --address ADDR`: here the module's Ray is the
+    cluster and a separate process joins it, as a job started on a cluster's head machine would."""
+    manifest, local = job
+    rows = manifest.read_text().splitlines()[:4]
+    small = manifest.with_name("four.jsonl")
+    small.write_text("\n".join(rows) + "\n")
+    address = ray.get_runtime_context().gcs_address
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-m", "ip2p_nodes.pipeline_core.cli", "batch", str(small), "--out",
+                           str(tmp_path / "joined"), "--engine", "ray", "--address", address, "--workers", "2",
+                           *TOY_ARGS], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    joined = results(tmp_path / "joined")
+    assert len(joined) == 4 and all(results(local)[key] == png for key, png in joined.items())

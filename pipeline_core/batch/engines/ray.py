@@ -45,7 +45,9 @@ def connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     try:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+        # A Ray started here is for this job alone: no dashboard (a web server, and a port, nobody asked for).
+        extra = {"include_dashboard": False} if address is None else {}
+        ray.init(address=address, logging_level=logging.WARNING, **extra)
     except ConnectionError as exc:
         raise InputError(f"--address {address}: cannot reach a Ray cluster there ({exc}); start one with "
                          "`ray start --head` and pass the address it prints") from None
