@@ -21,7 +21,8 @@ from support.batch_data import TOY_ARGS, mixed_rows, results, triplets, write_ma
 ray = pytest.importorskip("ray", reason='Ray is not installed; pip install "ip2p-nodes[ray]" to test the Ray engine')
 pytest.importorskip("ray.data", reason="Ray is installed without Ray Data; pip install \"ray[data]\"")
 
-WORKER_TITLE = "ray::MapWorker(MapBatches(EditActor))"  # Ray names an actor's process after its class
+# Ray names an actor's process after its class: "ray::MapWorker(MapBatches(EditActor)).submit" in Ray 2.60.
+WORKER_MARKS = ("ray::", "EditActor")
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +64,8 @@ def test_ray_and_local_engines_give_identical_pictures_and_rows(local_ray, job, 
 def _worker_pids() -> list[int]:
     import psutil
 
-    return [p.pid for p in psutil.process_iter(["cmdline"]) if " ".join(p.info["cmdline"] or []).startswith(
-        WORKER_TITLE)]
+    titles = ((p.pid, " ".join(p.info["cmdline"] or [])) for p in psutil.process_iter(["cmdline"]))
+    return [pid for pid, title in titles if title.startswith(WORKER_MARKS[0]) and WORKER_MARKS[1] in title]
 
 
 def test_a_worker_killed_mid_job_still_gives_every_row_once_with_the_same_pictures(local_ray, job, tmp_path):
