@@ -146,7 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a 32x32 shapes picture (default: the shipped sample); other pictures are edited at 32x32, "
                         "with a warning")
     d.add_argument("--seed", type=_whole_number, default=0, help="noise seed")
-    for q in (e, d):
+    from .batch.cli import add_batch_parser
+
+    b = add_batch_parser(sub, e, _HelpFormatter)
+    for q in (e, d, b):
         q.add_argument("-v", "--verbose", action="store_true", help="log every step of loading and editing")
     return p
 
@@ -159,10 +162,8 @@ def _default_device() -> str:
     return "cpu"
 
 
-def check_device(name: str | None) -> str:
-    """The device to run on: ``name`` if this machine has it, the best available for None."""
-    if name is None:
-        return _default_device()
+def check_device_name(name: str) -> str:
+    """``name`` if it names a device an edit can run on, whether or not this machine has one."""
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
@@ -170,6 +171,14 @@ def check_device(name: str | None) -> str:
                          "or leave --device out for the best available") from None
     if device.type not in DEVICE_KINDS:
         raise InputError(f"--device {name}: cannot run an edit; use one of {', '.join(DEVICE_KINDS)}")
+    return str(device)
+
+
+def check_device(name: str | None) -> str:
+    """The device to run on: ``name`` if this machine has it, the best available for None."""
+    if name is None:
+        return _default_device()
+    device = torch.device(check_device_name(name))
     if device.type == "cpu":
         return str(device)
     module = getattr(torch, device.type, None) if device.type != "mps" else getattr(torch.backends, "mps", None)
@@ -240,17 +249,30 @@ def output_paths(output: str, count: int) -> list[Path]:
     return [check_output_path(out.with_name(f"{out.stem}_{i}{out.suffix}")) for i in range(count)]
 
 
-def check_edit_args(args: argparse.Namespace) -> EditJob:
-    """Everything the ``edit`` command was given, checked in order of cost; raises :class:`IP2PError`."""
-    from .editing.images import load_image
-    from .editing.seeds import make_plan
+@dataclass
+class SamplerArgs:
+    """The model and sampler options ``edit`` and ``batch`` share, checked; only loading the model is left."""
+
+    source: ModelSource
+    device: str
+    precision: str  # resolved: fp32 / fp16 / bf16
+    settings: EditSettings  # checked
+    # (text, image) guidance as given; None: the model family's default, known once the model is loaded
+    guidance: tuple[float | None, float | None] = (None, None)
+    loras: tuple[LoraRef, ...] = ()  # files checked to exist; their layers are checked against the model on load
+
+
+def check_sampler_args(args: argparse.Namespace, check_device_here: bool = True) -> SamplerArgs:
+    """The model and sampler options, checked in order of cost; raises :class:`IP2PError`.
+
+    ``check_device_here=False`` checks only the device's name: a Ray job runs on the cluster's machines, which
+    may have GPUs the machine that starts it lacks.
+    """
     from .editing.settings import EditSettings
     from .models.loading import ModelSource
     from .models.lora import LoraRef, parse_lora_arg
     from .models.precision import resolve_precision
 
-    if not args.instruction.strip():
-        raise InputError("the instruction is empty; write the edit you want, e.g. \"make it winter\"")
     text_guidance, image_guidance = args.text_guidance, args.image_guidance
     if text_guidance is None and args.model.strip() == TOY_MODEL_ALIAS:
         text_guidance = TOY_TEXT_GUIDANCE  # the paper's 7.5 over-saturates the toy model; 3 is its best
@@ -263,9 +285,7 @@ def check_edit_args(args: argparse.Namespace) -> EditJob:
         scheduler=args.scheduler, feather=args.feather, denoise=args.denoise,
         working_resolution=args.working_resolution or None, crop_to_mask=args.crop_to_mask,
     ).checked()
-    plan = make_plan(args.seed, args.count, args.seed_mode)
-    outputs = output_paths(args.output, len(plan))
-    device = check_device(args.device)
+    device = check_device(args.device) if check_device_here or args.device is None else check_device_name(args.device)
     precision = args.precision
     if precision == "auto" and args.model.strip() == TOY_MODEL_ALIAS:
         precision = "fp32"  # what the demo runs: the same seed gives the demo's picture (the toy is tiny anyway)
@@ -280,13 +300,26 @@ def check_edit_args(args: argparse.Namespace) -> EditJob:
             loras.append(LoraRef.of(path, strength))
         except InputError as exc:
             raise InputError(f"--lora {text}: {exc}") from None
-    image = load_image(args.input)
-    mask = load_image(args.mask)[..., 0] if args.mask else None  # grey value of the mask picture, 1 = edit
-    controlnet, control_image, control_strength = check_control_args(args)
     source = ModelSource.from_path(args.model, tokenizer_dir=args.tokenizer_dir)
     guidance = (None if text_guidance is None else settings.text_guidance,
                 None if image_guidance is None else settings.image_guidance)
-    return EditJob(source, device, precision, image, mask, plan, settings, outputs, guidance, tuple(loras),
+    return SamplerArgs(source, device, precision, settings, guidance, tuple(loras))
+
+
+def check_edit_args(args: argparse.Namespace) -> EditJob:
+    """Everything the ``edit`` command was given, checked in order of cost; raises :class:`IP2PError`."""
+    from .editing.images import load_image
+    from .editing.seeds import make_plan
+
+    if not args.instruction.strip():
+        raise InputError("the instruction is empty; write the edit you want, e.g. \"make it winter\"")
+    plan = make_plan(args.seed, args.count, args.seed_mode)
+    outputs = output_paths(args.output, len(plan))
+    s = check_sampler_args(args)
+    image = load_image(args.input)
+    mask = load_image(args.mask)[..., 0] if args.mask else None  # grey value of the mask picture, 1 = edit
+    controlnet, control_image, control_strength = check_control_args(args)
+    return EditJob(s.source, s.device, s.precision, image, mask, plan, s.settings, outputs, s.guidance, s.loras,
                    controlnet, control_image, control_strength)
 
 
@@ -341,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "edit":
             run_edit(args)
+        elif args.command == "batch":
+            from .batch.cli import run_batch_command
+
+            return run_batch_command(args)
         else:
             from .demo import run_demo
 

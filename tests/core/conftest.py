@@ -34,3 +34,13 @@ def family_model(request):
 @pytest.fixture
 def family_cond(family_model):
     return encode_instruction(family_model, "make it winter")
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Loading any model fails the test: the error under test must come before it."""
+
+    def refuse(self, key):
+        raise AssertionError(f"{key.describe()} was loaded before the arguments were checked")
+
+    monkeypatch.setattr(ModelCache, "get", refuse)

@@ -24,16 +24,6 @@ def photo(tmp_path):
 
 
 @pytest.fixture
-def no_model_load(monkeypatch):
-    """Loading any model fails the test: the error under test must come before it."""
-
-    def refuse(self, key):
-        raise AssertionError(f"{key.describe()} was loaded before the arguments were checked")
-
-    monkeypatch.setattr(ModelCache, "get", refuse)
-
-
-@pytest.fixture
 def no_network(monkeypatch):
     import socket
 
