@@ -79,8 +79,13 @@ class IP2PModelLoader(io.ComfyNode):
         return io.NodeOutput(key)
 
 
+def model_key(value) -> ModelKey:
+    """What an IP2P_MODEL socket carries, checked: the ``ModelKey`` of a cache entry."""
+    if not isinstance(value, ModelKey):
+        raise InputError(f"expected a model from IP2P Load Model, got {type(value).__name__}")
+    return value
+
+
 def cached_model(key: ModelKey):
     """The cache entry an IP2P_MODEL socket names (loaded again if the cache let it go)."""
-    if not isinstance(key, ModelKey):
-        raise InputError(f"expected a model from IP2P Load Model, got {type(key).__name__}")
-    return MODEL_CACHE.get(key)
+    return MODEL_CACHE.get(model_key(key))

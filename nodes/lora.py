@@ -5,9 +5,10 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io
 
-from ..pipeline_core import MODEL_CACHE, LoraRef, ModelKey
+from ..pipeline_core import LoraRef
 from ..pipeline_core.errors import InputError
 from ..pipeline_core.models.lora import STRENGTH_RANGE
+from .loader import cached_model, model_key
 from .types import CATEGORY, ModelType
 
 LORA_FOLDER = "loras"
@@ -56,11 +57,10 @@ class IP2PLoraLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name: str, strength: float) -> io.NodeOutput:
-        if not isinstance(model, ModelKey):
-            raise InputError(f"expected a model from IP2P Load Model, got {type(model).__name__}")
+        base = model_key(model)
         path = folder_paths.get_full_path(LORA_FOLDER, lora_name)
         if path is None:
             raise InputError(f"LoRA {lora_name!r} is not in models/loras any more; press R and pick another")
-        key = model.with_lora(LoraRef.of(path, strength))
-        MODEL_CACHE.get(key)  # reads and checks the file now, so a LoRA that does not fit fails on this node
+        key = base.with_lora(LoraRef.of(path, strength))
+        cached_model(key)  # reads and checks the file now, so a LoRA that does not fit fails on this node
         return io.NodeOutput(key)
