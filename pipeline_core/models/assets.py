@@ -31,3 +31,14 @@ def toy_model_path() -> Path:
 def sample_image_path() -> Path:
     """A shipped 32 x 32 sample picture for the demo (a red-free scene with a circle in it)."""
     return ASSETS_DIR / SAMPLE_IMAGE_NAME
+
+
+TOY_CLIP_NAME = "toy-clip"
+# The scorer loader's entry for it; like TOY_MODEL_CHOICE, not a name a folder in models/clip can take.
+TOY_CLIP_CHOICE = "toy-clip (embedded, shapes)"
+TOY_CLIP_ALIAS = "toy"  # what to type for it: the CLI's --clip toy
+
+
+def toy_clip_path() -> Path:
+    """The shipped toy CLIP: a transformers CLIPModel folder for the shapes world (a few MB)."""
+    return ASSETS_DIR / TOY_CLIP_NAME
