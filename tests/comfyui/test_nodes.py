@@ -38,7 +38,8 @@ from ip2p_nodes.pipeline_core.training.toy import TOY_MODEL_CHOICE, toy_model_pa
 
 pytestmark = pytest.mark.comfyui
 
-OUR_NODE_IDS = {"IP2PModelLoader", "IP2PLoraLoader", "IP2PInstruction", "IP2PSampler", "IP2PSeedPlan", "IP2PImageGrid"}
+OUR_NODE_IDS = {"IP2PModelLoader", "IP2PLoraLoader", "IP2PInstruction", "IP2PSampler", "IP2PSeedPlan", "IP2PImageGrid",
+                "IP2PClipScorerLoader", "IP2PEditScore", "IP2PPickBest"}
 TINY = "tiny-ip2p.safetensors"
 
 
@@ -436,6 +437,9 @@ def test_comfyui_custom_node_loader_registers_exactly_our_nodes(tmp_path, comfy_
         "IP2PSampler": "IP2P Dual-Guidance Sampler",
         "IP2PSeedPlan": "IP2P Seed Batch",
         "IP2PImageGrid": "IP2P Labelled Grid",
+        "IP2PClipScorerLoader": "IP2P Load CLIP Scorer",
+        "IP2PEditScore": "IP2P Edit Score",
+        "IP2PPickBest": "IP2P Pick Best",
     }
     for node_id in OUR_NODE_IDS:
         schema = comfy_nodes.NODE_CLASS_MAPPINGS[node_id].GET_SCHEMA()
