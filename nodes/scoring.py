@@ -181,8 +181,9 @@ class IP2PPickBest(io.ComfyNode):
                     step=0.01,
                     tooltip=(
                         "Least clip_image an edit must keep to be picked. Higher keeps more of the input and "
-                        "prefers gentler edits; lower allows bolder ones. 0.8 suits a ViT-L/14 on photos; 0.5 "
-                        "suits the toy CLIP. If no edit keeps this much, the one closest to the input is picked."
+                        "prefers gentler edits; lower allows bolder ones. 0.8 suits a ViT-L/14 on photos; 0.1 "
+                        "suits the toy CLIP (its space is coarse). If no edit keeps this much, the one closest to "
+                        "the input is picked."
                     ),
                 ),
             ],

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
+from ..models.assets import TOY_CLIP_THRESHOLD
 from .pick import DEFAULT_THRESHOLD
 
 log = logging.getLogger("ip2p_nodes.cli")
@@ -50,7 +51,8 @@ def add_pick_best_options(e: argparse.ArgumentParser) -> None:
                         "clip_image >= --threshold")
     e.add_argument("--clip", default=None, help=CLIP_HELP + "; with --pick-best")
     e.add_argument("--threshold", type=float, default=None,
-                   help=f"least clip_image a picked edit keeps (default {DEFAULT_THRESHOLD:g}; 0.5 with --clip toy)")
+                   help=f"least clip_image a picked edit keeps (default {DEFAULT_THRESHOLD:g}; "
+                        f"{TOY_CLIP_THRESHOLD:g} with --clip toy)")
     e.add_argument("--text-guidance-values", default="",
                    help="with --pick-best: comma-separated text guidance values to try, e.g. '5, 7.5, 10'")
     e.add_argument("--image-guidance-values", default="",
@@ -64,8 +66,8 @@ def threshold_for(args: argparse.Namespace) -> float:
         if not -1 <= args.threshold <= 1:
             raise InputError(f"--threshold {args.threshold}: a cosine similarity, in -1..1 (0.7-0.9 is useful)")
         return args.threshold
-    # The toy CLIP's space is small and coarse: a true edit of a shapes picture keeps about 0.6-0.9 of it.
-    return 0.5 if (args.clip or "").strip() == TOY_CLIP_ALIAS else DEFAULT_THRESHOLD
+    # The toy CLIP's space is coarse: correct edits of shapes pictures keep far less of them than 0.8.
+    return TOY_CLIP_THRESHOLD if (args.clip or "").strip() == TOY_CLIP_ALIAS else DEFAULT_THRESHOLD
 
 
 def check_pick_best(job, args: argparse.Namespace):

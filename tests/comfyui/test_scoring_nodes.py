@@ -17,7 +17,7 @@ import folder_paths  # noqa: E402
 from ip2p_nodes.nodes.grid import IP2PImageGrid  # noqa: E402
 from ip2p_nodes.nodes.scoring import IP2PClipScorerLoader, IP2PEditScore, IP2PPickBest  # noqa: E402
 from ip2p_nodes.pipeline_core.errors import InputError, ModelLoadError  # noqa: E402
-from ip2p_nodes.pipeline_core.models.assets import TOY_CLIP_CHOICE  # noqa: E402
+from ip2p_nodes.pipeline_core.models.assets import TOY_CLIP_CHOICE, TOY_CLIP_THRESHOLD  # noqa: E402
 from ip2p_nodes.pipeline_core.training import synthetic  # noqa: E402
 from ip2p_nodes.pipeline_core.training.toy import sample_triplet  # noqa: E402
 from ip2p_nodes.pipeline_core.training.toy_clip import caption  # noqa: E402
@@ -74,7 +74,7 @@ def test_edit_score_and_pick_best_choose_the_edit_that_did_what_was_asked_on_the
     assert report.count("\n") == 2 and "clip_direction" in report
     assert scored_labels.splitlines()[2].startswith("seed 3 · text 3 · image 1.5 · dir ")
 
-    best, label, ranking = IP2PPickBest.execute(edited, scores, 0.5)
+    best, label, ranking = IP2PPickBest.execute(edited, scores, TOY_CLIP_THRESHOLD)
     assert torch.equal(best, edited[2:3])
     assert label.startswith("seed 3 ·") and ranking.splitlines()[0].startswith("1. seed 3")
 

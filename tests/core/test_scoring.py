@@ -179,3 +179,20 @@ def test_the_score_command_prints_one_json_object_with_the_papers_metrics(tmp_pa
     assert -1 <= out["clip_direction"] <= 1 and -1 <= out["clip_image"] <= 1
     assert main(["score", "--clip", str(tmp_path / "nope"), "--input", str(paths[0]), "--edited", str(paths[1]),
                  "--instruction", "x"]) == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--pick-best"], "needs a CLIP"),
+    (["--clip", "toy"], "only work with --pick-best"),
+    (["--pick-best", "--clip", "./no/such/clip"], "not looked up"),
+    (["--pick-best", "--clip", "toy", "--count", "1"], "one picture to pick from"),
+    (["--pick-best", "--clip", "toy", "--count", "2", "--threshold", "2"], "in -1..1"),
+])
+def test_edit_pick_best_arguments_are_checked_before_any_model_loads(tmp_path, caplog, extra, message):
+    from ip2p_nodes.pipeline_core.cli import main
+    from ip2p_nodes.pipeline_core.models.assets import sample_image_path
+
+    argv = ["edit", str(sample_image_path()), "make the circle red", "-o", str(tmp_path / "o.png"),
+            "--model", "toy", *extra]
+    assert main(argv) == 2
+    assert message in caplog.text and "loading" not in caplog.text  # refused before the model was loaded
