@@ -53,9 +53,9 @@ def add_pick_best_options(e: argparse.ArgumentParser) -> None:
     e.add_argument("--threshold", type=float, default=None,
                    help=f"least clip_image a picked edit keeps (default {DEFAULT_THRESHOLD:g}; "
                         f"{TOY_CLIP_THRESHOLD:g} with --clip toy)")
-    e.add_argument("--text-guidance-values", default="",
+    e.add_argument("--sweep-text-guidance", default=None,
                    help="with --pick-best: comma-separated text guidance values to try, e.g. '5, 7.5, 10'")
-    e.add_argument("--image-guidance-values", default="",
+    e.add_argument("--sweep-image-guidance", default=None,
                    help="with --pick-best: comma-separated image guidance values to try, e.g. '1.2, 1.5, 2'")
 
 
@@ -77,16 +77,16 @@ def check_pick_best(job, args: argparse.Namespace):
     from .clip import ClipSource
 
     if not args.pick_best:
-        if args.clip or args.text_guidance_values or args.image_guidance_values or args.threshold is not None:
-            raise InputError("--clip, --threshold and the --*-guidance-values lists only work with --pick-best")
+        if args.clip or args.sweep_text_guidance or args.sweep_image_guidance or args.threshold is not None:
+            raise InputError("--clip, --threshold and the --sweep-*-guidance lists only work with --pick-best")
         return job
     if not args.clip:
         raise InputError("--pick-best needs a CLIP to score with: --clip toy (shapes only), a CLIP folder or an id")
     ClipSource.from_text(args.clip)  # a mistyped folder fails now, before the edit model is loaded
     threshold_for(args)
-    plan = make_plan(args.seed, args.count, args.seed_mode, parse_values(args.text_guidance_values,
-                                                                            "--text-guidance-values"),
-                     parse_values(args.image_guidance_values, "--image-guidance-values", IMAGE_GUIDANCE.low,
+    plan = make_plan(args.seed, args.count, args.seed_mode, parse_values(args.sweep_text_guidance or "",
+                                                                            "--sweep-text-guidance"),
+                     parse_values(args.sweep_image_guidance or "", "--sweep-image-guidance", IMAGE_GUIDANCE.low,
                                   IMAGE_GUIDANCE.high))
     if len(plan) < 2:
         raise InputError("--pick-best has one picture to pick from; give --count 2 or more, or guidance value lists")

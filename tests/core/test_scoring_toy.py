@@ -77,7 +77,7 @@ def test_edit_pick_best_writes_only_the_best_of_the_plan_and_it_does_what_was_as
 
     out = tmp_path / "best.png"
     argv = ["edit", str(sample_image_path()), SAMPLE_INSTRUCTION, "-o", str(out), "--model", "toy", "--count", "4",
-            "--text-guidance-values", "1.5, 3, 7.5", "--pick-best", "--clip", "toy"]
+            "--sweep-text-guidance", "1.5, 3, 7.5", "--pick-best", "--clip", "toy"]
     assert main(argv) == 0
     assert [p.name for p in tmp_path.iterdir()] == ["best.png"]
     ok, why = rule_check(sample_triplet(), load_image(out)[0].numpy())
