@@ -12,3 +12,9 @@ ConditioningType = io.Custom("IP2P_CONDITIONING")
 
 SeedPlanType = io.Custom("IP2P_SEED_PLAN")
 """Which (seed, text guidance, image guidance) items the sampler produces: a ``pipeline_core.SeedPlan``."""
+
+ClipScorerType = io.Custom("IP2P_CLIP_SCORER")
+"""A CLIP loaded for scoring edits: a ``pipeline_core.scoring.ClipScorer``."""
+
+ScoresType = io.Custom("IP2P_EDIT_SCORES")
+"""CLIP scores of a batch of edits with their labels: a ``pipeline_core.scoring.ScoredEdits``."""

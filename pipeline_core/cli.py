@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tokenizer-dir", default=None,
                    help="CLIP tokenizer folder (vocab.json + merges.txt) for single-file SD1.5 checkpoints")
 
+    from .scoring.commands import add_pick_best_options, add_score_parser
+
+    add_pick_best_options(e)
+    add_score_parser(sub, _HelpFormatter)
+
     d = sub.add_parser("demo", help="edit the shipped sample with the shipped toy model (no download)",
                        formatter_class=_HelpFormatter)
     d.add_argument("-o", "--output", default="ip2p-demo.png", help="where to write 'input | edit', enlarged")
@@ -346,8 +351,9 @@ def run_edit(args: argparse.Namespace) -> list[Path]:
     from .editing.edit import edit
     from .editing.images import save_image
     from .models.cache import MODEL_CACHE
+    from .scoring.commands import check_pick_best, write_best
 
-    job = check_edit_args(args)
+    job = check_pick_best(check_edit_args(args), args)
     model = MODEL_CACHE.get(MODEL_CACHE.key_for(job.source, job.precision, job.device, job.loras))
     cond = encode_instruction(model, args.instruction, args.negative)
     if job.controlnet is not None:
@@ -361,6 +367,8 @@ def run_edit(args: argparse.Namespace) -> list[Path]:
                   image_guidance=job.guidance[1], scheduler=s.scheduler, progress=_progress_bar("editing"),
                   mask=job.mask, feather=s.feather, crop_to_mask=s.crop_to_mask, denoise=s.denoise,
                   working_resolution=s.working_resolution)
+    if args.pick_best:
+        return [write_best(job, args, result)]
     paths = []
     for img, path, (_, item) in zip(result.images, job.outputs, result.items):
         paths.append(save_image(img, path))
@@ -378,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
             from .batch.cli import run_batch_command
 
             return run_batch_command(args)
+        elif args.command == "score":
+            from .scoring.commands import run_score
+
+            run_score(args)
         else:
             from .demo import run_demo
 

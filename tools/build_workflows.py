@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the test support package, tests/suppo
 from ip2p_nodes.pipeline_core.models.assets import (  # noqa: E402
     SAMPLE_IMAGE_NAME,
     SAMPLE_INSTRUCTION,
+    TOY_CLIP_CHOICE,
     TOY_MODEL_CHOICE,
 )
 from support import (  # noqa: E402
@@ -327,14 +328,25 @@ def guidance_sweep() -> Workflow:
             ),
             Node("grid", "IP2PImageGrid", 3, {"columns": 3, "font_size": 0, "gap": 4}),
             Node("save", "SaveImage", 4, {"filename_prefix": "ip2p/sweep_grid"}, width=480, height=560),
+            # The pick-best branch (issue 11). The scorer ships on the toy CLIP so the file runs as is; the note
+            # says which CLIP to pick for photos.
+            Node("clip", "IP2PClipScorerLoader", 2, {"clip": TOY_CLIP_CHOICE, "hub_id": ""}, width=300, band=1),
+            Node("score", "IP2PEditScore", 3, {"instruction": "", "caption_before": "", "caption_after": ""},
+                 width=300),
+            Node("pick", "IP2PPickBest", 3, {"threshold": 0.8}, width=300, band=1),
+            Node("save_best", "SaveImage", 4, {"filename_prefix": "ip2p/sweep_best"}, width=480, height=400, band=1),
             note(
                 "note",
                 0,
                 "**Guidance sweep.** 2 seeds x 3 text guidance x 3 image guidance = 18 edits in one run, laid out "
                 "in one grid (a row per seed and text guidance, a column per image guidance), each labelled with "
-                "its values.\n\nChange the lists in *IP2P Seed Batch*; any picture can be re-made alone from "
-                "its label.",
-                height=230,
+                "its values and its CLIP scores.\n\n**Pick best** keeps the edit that changed most the way asked "
+                "(clip_direction) among those that keep the picture (clip_image >= threshold), as the paper reads "
+                "its trade-off. The scorer ships set to the pack's toy CLIP so the workflow runs as is; for photos "
+                "put a CLIP folder such as `openai/clip-vit-large-patch14` into `ComfyUI/models/clip/` and pick it "
+                "(or type that id in *hub_id*).\n\nChange the lists in *IP2P Seed Batch*; any picture can be "
+                "re-made alone from its label.",
+                height=360,
             ),
         ],
         links=[
@@ -342,7 +354,15 @@ def guidance_sweep() -> Workflow:
             ("image", "IMAGE", "edit", "image"),
             ("plan", "plan", "edit", "plan"),
             ("edit", "image", "grid", "images"),
-            ("edit", "labels", "grid", "labels"),
+            ("clip", "scorer", "score", "scorer"),
+            ("image", "IMAGE", "score", "input"),
+            ("edit", "image", "score", "edited"),
+            ("instruction", "conditioning", "score", "conditioning"),
+            ("edit", "labels", "score", "labels"),
+            ("score", "labels", "grid", "labels"),
+            ("edit", "image", "pick", "edited"),
+            ("score", "scores", "pick", "scores"),
+            ("pick", "best", "save_best", "images"),
             ("grid", "image", "save", "images"),
         ],
     )

@@ -31,3 +31,18 @@ def toy_model_path() -> Path:
 def sample_image_path() -> Path:
     """A shipped 32 x 32 sample picture for the demo (a red-free scene with a circle in it)."""
     return ASSETS_DIR / SAMPLE_IMAGE_NAME
+
+
+TOY_CLIP_NAME = "toy-clip"
+# The scorer loader's entry for it; like TOY_MODEL_CHOICE, not a name a folder in models/clip can take.
+TOY_CLIP_CHOICE = "toy-clip (embedded, shapes)"
+TOY_CLIP_ALIAS = "toy"  # what to type for it: the CLI's --clip toy
+# Pick-best's clip_image threshold for the toy CLIP. Its space is coarse: a true edit keeps 0.02-1.0 of a shapes
+# picture (median 0.7; "remove" can fall to 0.02), so 0.8, right for a ViT-L/14 on photos, would refuse most
+# correct edits. 0.1 is the largest threshold at which pick-best was best on training-split toy sweeps.
+TOY_CLIP_THRESHOLD = 0.1
+
+
+def toy_clip_path() -> Path:
+    """The shipped toy CLIP: a transformers CLIPModel folder for the shapes world (a few MB)."""
+    return ASSETS_DIR / TOY_CLIP_NAME

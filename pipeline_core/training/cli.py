@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(ty, toy.recipe_config())
     # The toy UNet is too small to gain from more threads, and on a shared machine extra threads cost a lot.
     ty.set_defaults(threads=1)
+    tc = sub.add_parser("toy-clip", help="train the embedded toy CLIP (shapes captions) from nothing")
+    tc.add_argument("--out", required=True, type=Path)
+    tc.add_argument("--install", action="store_true", help="copy the result into the pack's assets")
+    tc.add_argument("--steps", type=int, default=None, help="training steps (default: the shipped recipe's)")
+    tc.add_argument("--triplets", type=int, default=6000, help="rendered training triplets")
+    tc.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     return parser
 
 
@@ -79,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        if args.command == "toy-clip":
+            from .toy_clip import ClipTrainConfig, build_toy_clip
+
+            config = ClipTrainConfig(**({"steps": args.steps} if args.steps else {}))
+            log.info("wrote %s", build_toy_clip(args.out, config, args.triplets, install=args.install))
+            return 0
         if args.command == "train":
             folder, single = fine_tune(args.model, args.data, args.out, parse_config(args), args.resolution,
                                        args.restart)

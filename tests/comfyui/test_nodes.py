@@ -39,7 +39,7 @@ from ip2p_nodes.pipeline_core.training.toy import TOY_MODEL_CHOICE, toy_model_pa
 pytestmark = pytest.mark.comfyui
 
 OUR_NODE_IDS = {"IP2PModelLoader", "IP2PLoraLoader", "IP2PInstruction", "IP2PSampler", "IP2PSeedPlan",
-                "IP2PImageGrid", "IP2PApplyControlNet"}
+                "IP2PImageGrid", "IP2PApplyControlNet", "IP2PClipScorerLoader", "IP2PEditScore", "IP2PPickBest"}
 TINY = "tiny-ip2p.safetensors"
 
 
@@ -438,6 +438,9 @@ def test_comfyui_custom_node_loader_registers_exactly_our_nodes(tmp_path, comfy_
         "IP2PSeedPlan": "IP2P Seed Batch",
         "IP2PImageGrid": "IP2P Labelled Grid",
         "IP2PApplyControlNet": "IP2P Apply ControlNet",
+        "IP2PClipScorerLoader": "IP2P Load CLIP Scorer",
+        "IP2PEditScore": "IP2P Edit Score",
+        "IP2PPickBest": "IP2P Pick Best",
     }
     for node_id in OUR_NODE_IDS:
         schema = comfy_nodes.NODE_CLASS_MAPPINGS[node_id].GET_SCHEMA()

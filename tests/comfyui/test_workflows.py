@@ -31,7 +31,9 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
+from ip2p_nodes.pipeline_core.models.assets import SAMPLE_INSTRUCTION, TOY_CLIP_CHOICE
 from ip2p_nodes.pipeline_core.training.evaluation import rule_check
+from ip2p_nodes.pipeline_core.training.score_eval import TOY_THRESHOLD
 from ip2p_nodes.pipeline_core.training.toy import SAMPLE_IMAGE_NAME, TOY_MODEL_CHOICE, sample_image_path, sample_triplet
 from support import browser_harness, comfy_harness, example_workflows, model_files
 from support import workflow_format as wf
@@ -75,7 +77,7 @@ EXPECTED_IMAGES = {
     "basic_edit": {"ip2p/edit": (1, RUN_SIZE)},
     "txt2img_edit_inpaint": {"ip2p/1_txt2img": (1, RUN_SIZE), "ip2p/2_edited": (1, RUN_SIZE),
                              "ip2p/3_inpainted": (1, RUN_SIZE)},
-    "guidance_sweep": {"ip2p/sweep_grid": (1, 3 * RUN_SIZE + 2 * 4)},
+    "guidance_sweep": {"ip2p/sweep_grid": (1, 3 * RUN_SIZE + 2 * 4), "ip2p/sweep_best": (1, RUN_SIZE)},
     "batch_edit": {"ip2p/batch": (6, RUN_SIZE), "ip2p/batch_grid": (1, 2 * RUN_SIZE + 4)},
     "controlnet_edit": {"ip2p/controlnet": (1, RUN_SIZE), "ip2p/controlnet_edited": (1, RUN_SIZE)},
     "toy_demo": {"ip2p/toy_edit": (1, TOY_SIZE), "ip2p/toy_edit_x8": (1, 8 * TOY_SIZE)},
@@ -343,6 +345,32 @@ def test_workflow_runs_end_to_end_on_the_cpu_and_saves_its_images(name, server, 
     cost = "as shipped" if name in AS_SHIPPED else f"{RUN_SIZE} px, {RUN_STEPS} steps"
     print(f"{name}: ran in {time.perf_counter() - start:.1f} s ({cost})")
     check_saved_images(server, name, workflow, entry)
+
+
+@comfy_harness.requires_comfyui
+@pytest.mark.server
+def test_the_sweep_workflows_pick_best_branch_picks_a_correct_edit_on_the_toy_model_and_toy_clip(server, object_info):
+    """The shipped sweep graph, pointed at the embedded toy model and its sample (the scorer ships on the toy
+    CLIP): of 4 seeds x 3 text guidance values, Pick Best's choice does what the instruction says."""
+    import numpy as np
+
+    workflow = wf.load(workflow_path("guidance_sweep"))
+    prompt = wf.to_api_prompt(workflow, object_info)
+    by_type = {node["class_type"]: node["inputs"] for node in prompt.values()}
+    assert by_type["IP2PClipScorerLoader"]["clip"] == TOY_CLIP_CHOICE, "the sweep's scorer ships on the toy CLIP"
+    by_type["IP2PModelLoader"]["model"] = TOY_MODEL_CHOICE
+    by_type["LoadImage"]["image"] = SAMPLE_IMAGE_NAME
+    by_type["IP2PInstruction"]["instruction"] = SAMPLE_INSTRUCTION
+    by_type["IP2PSeedPlan"].update(count=4, text_guidance_values="1.5, 3, 7.5", image_guidance_values="1.5")
+    by_type["IP2PPickBest"]["threshold"] = TOY_THRESHOLD
+    entry = server.run_prompt(prompt, timeout=600)
+    [save_best] = [str(n["id"]) for n in workflow["nodes"] if n["type"] == "SaveImage"
+                   and n["widgets_values"][0] == "ip2p/sweep_best"]
+    [best_path] = server.output_files(entry, save_best)
+    with Image.open(best_path) as image:
+        best = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    ok, why = rule_check(sample_triplet(), best)
+    assert ok, f"Pick Best chose an edit that fails the rule check: {why}"
 
 
 @comfy_harness.requires_comfyui

@@ -1,6 +1,7 @@
 """Packaging promises: importable outside ComfyUI without side effects, no shadowing, registry metadata."""
 
 import ast
+import fnmatch
 import subprocess
 import sys
 import tomllib
@@ -86,12 +87,17 @@ def test_shipped_configs_are_package_data():
     tool = meta["tool"]["setuptools"]
     # Every shipped data file must be matched by a package-data pattern of a listed package.
     models = ROOT / "pipeline_core" / "models"
-    shipped = list((models / "configs").rglob("*.json")) + list((models / "assets").iterdir())
+    shipped = [f for f in [*(models / "configs").rglob("*.json"), *(models / "assets").rglob("*")] if f.is_file()]
     assert shipped
     for f in shipped:
-        package = "ip2p_nodes." + ".".join(f.parent.relative_to(ROOT).parts)
-        assert package in tool["packages"], f"{package} not listed"
-        assert any(f.match(pattern) for pattern in tool["package-data"].get(package, [])), f"{f.name} not shipped"
+        # The deepest listed package holding the file; its patterns are relative to that package's folder (a data
+        # folder inside it, like assets/toy-clip, is matched as "toy-clip/*").
+        holders = [d for d in f.relative_to(ROOT).parents if "ip2p_nodes." + ".".join(d.parts) in tool["packages"]]
+        assert holders and holders[0].parts, f"{f.relative_to(ROOT)}: no listed package holds it"
+        package = "ip2p_nodes." + ".".join(holders[0].parts)
+        relative = f.relative_to(ROOT / holders[0]).as_posix()
+        patterns = tool["package-data"].get(package, [])
+        assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns), f"{relative} not shipped"
 
 
 @pytest.mark.skipif(not Path(sys.prefix, "bin", "comfy").exists(), reason="comfy-cli not installed in this environment")
