@@ -5,8 +5,8 @@ Two ways to say it, as the issue asks:
 - a folder of pictures crossed with one instruction (``--instruction``) or with every line of a text file
   (``--instructions FILE``), picture-major: row 1 is the first picture with the first instruction;
 - a JSONL manifest, one object a line: ``{"image", "instruction", ["mask"], ["seed"], ["text_guidance"],
-  ["image_guidance"]}``, paths relative to the manifest (as the trainer's manifests are). Row numbers are line
-  numbers, so a report names the line to fix.
+  ["image_guidance"], ["caption_before"], ["caption_after"]}``, paths relative to the manifest (as the trainer's
+  manifests are). Row numbers are line numbers, so a report names the line to fix.
 
 A row that cannot be right (no image path, an empty instruction, a seed out of range) becomes a :class:`BadRow`
 with the reason; the job reports it and edits the others. Only a problem with the whole input (no such folder,
@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 
 # The picture formats a folder input takes (those load_image reads and people keep datasets in).
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-MANIFEST_KEYS = ("image", "instruction", "mask", "seed", "text_guidance", "image_guidance")
+# The captions change no pixel: only ``--filter-clip`` reads them (both given: the paper's CLIP direction).
+MANIFEST_KEYS = ("image", "instruction", "mask", "seed", "text_guidance", "image_guidance", "caption_before",
+                 "caption_after")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class Row:
     seed: int | None = None
     text_guidance: float | None = None
     image_guidance: float | None = None
+    caption_before: str | None = None
+    caption_after: str | None = None
 
     @property
     def where(self) -> str:
@@ -120,8 +124,11 @@ def manifest_row(number: int, line: str, base: Path) -> Row | BadRow:
                                 lambda v: check_float(v, "image_guidance", limits.IMAGE_GUIDANCE))
     except InputError as exc:
         return BadRow(number, what, str(exc))
+    captions = [obj.get(name) for name in ("caption_before", "caption_after")]
+    if any(c is not None and not isinstance(c, str) for c in captions):
+        return BadRow(number, what, "\"caption_before\" and \"caption_after\" must be texts (or left out)")
     return Row(number, base / image, instruction.strip(), None if mask is None else base / mask, seed,
-               text_guidance, image_guidance)
+               text_guidance, image_guidance, *captions)
 
 
 def manifest_rows(path: Path) -> list[Row | BadRow]:

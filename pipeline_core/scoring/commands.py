@@ -63,9 +63,9 @@ def threshold_for(args: argparse.Namespace) -> float:
     from ..models.assets import TOY_CLIP_ALIAS
 
     if args.threshold is not None:
-        if not -1 <= args.threshold <= 1:
-            raise InputError(f"--threshold {args.threshold}: a cosine similarity, in -1..1 (0.7-0.9 is useful)")
-        return args.threshold
+        from .metrics import check_cosine
+
+        return check_cosine(args.threshold, "--threshold", "0.7-0.9")
     # The toy CLIP's space is coarse: correct edits of shapes pictures keep far less of them than 0.8.
     return TOY_CLIP_THRESHOLD if (args.clip or "").strip() == TOY_CLIP_ALIAS else DEFAULT_THRESHOLD
 

@@ -41,6 +41,13 @@ class EditScore:
         return f"dir {self.clip_direction:.3f} · img {self.clip_image:.3f}"
 
 
+def check_cosine(value: float, name: str, useful: str) -> float:
+    """``value`` if it can be a threshold on a cosine similarity (-1..1); ``useful`` says which values are."""
+    if not -1.0 <= value <= 1.0:
+        raise InputError(f"{name} {value:g}: a cosine similarity, in -1..1 ({useful} is useful)")
+    return value
+
+
 def texts_for(instruction: str = "", caption_before: str | None = None,
               caption_after: str | None = None) -> tuple[str, str, str]:
     """(before, after, which) for the direction: both captions, or "" and the instruction."""

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 
 from ..errors import InputError
-from .metrics import EditScore
+from .metrics import EditScore, check_cosine
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,7 @@ def pick_best(scores: list[EditScore], threshold: float = DEFAULT_THRESHOLD) -> 
     """One :class:`Ranking` per input picture, in input order (ties keep the plan's order)."""
     if not scores:
         raise InputError("nothing to pick from: no scored edits")
-    if not -1.0 <= threshold <= 1.0:
-        raise InputError(f"threshold {threshold} is not a cosine similarity; use a value in -1..1 (0.7-0.9 is useful)")
+    check_cosine(threshold, "threshold", "0.7-0.9")
     rankings = []
     for owner in sorted({s.input_index for s in scores}):
         order, kept = rank(scores, [i for i, s in enumerate(scores) if s.input_index == owner], threshold)

@@ -19,7 +19,16 @@ from PIL import Image
 from ip2p_nodes.pipeline_core import ModelCache, cli
 from ip2p_nodes.pipeline_core.batch.store import OutputStore
 from ip2p_nodes.pipeline_core.errors import InputError
-from support.batch_data import INSTRUCTIONS, TOY_ARGS, mixed_rows, results, triplets, write_manifest, write_pictures
+from support.batch_data import (
+    INSTRUCTIONS,
+    TOY_ARGS,
+    filtered,
+    mixed_rows,
+    results,
+    triplets,
+    write_manifest,
+    write_pictures,
+)
 
 
 @pytest.fixture
@@ -204,6 +213,9 @@ def test_two_jobs_cannot_write_to_one_folder_at_once(tmp_path):
         (["--instruction", " "], "the instruction is empty"),
         (["--out-is-a-file"], "is a file; give a folder"),
         (["--no-instruction"], "say what to do with --instruction"),
+        (["--min-image", "0.5"], "--min-direction and --min-image are thresholds of the CLIP filter"),
+        (["--filter-clip", "no-such-clip/"], "no-such-clip/: no such folder"),
+        (["--filter-clip", "toy", "--min-direction", "2"], "--min-direction 2: a cosine similarity, in -1..1"),
     ],
 )
 def test_arguments_are_checked_before_the_model_loads(tmp_path, caplog, no_model_load, extra, said):
@@ -224,3 +236,140 @@ def test_the_ray_engine_without_ray_says_how_to_install_it(tmp_path, caplog, mon
     assert _batch(tmp_path / "in", "--out", tmp_path / "out", "--instruction", "x", "--engine", "ray") == 2
     assert 'pip install "ip2p-nodes[ray]"' in caplog.text
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+# ---------------------------------------------------------------------------------------------- --filter-clip
+
+def _scores(out) -> dict[int, tuple[float, float]]:
+    """row -> (clip_direction, clip_image), measured here with score_edits on the pictures as written."""
+    from ip2p_nodes.pipeline_core.editing.images import load_image
+    from ip2p_nodes.pipeline_core.scoring import CLIP_CACHE, ClipSource, score_edits
+
+    scorer = CLIP_CACHE.get(ClipSource.from_text("toy"))
+    measured = {}
+    for r in triplets(out) + filtered(out):
+        [s] = score_edits(scorer, load_image(out / r["input"]), load_image(out / r["edited"]), r["instruction"],
+                          r.get("caption_before"), r.get("caption_after"))
+        measured[r["row"]] = (s.clip_direction, s.clip_image)
+    return measured
+
+
+def _split(out) -> tuple[list[int], list[int]]:
+    return [r["row"] for r in triplets(out)], [r["row"] for r in filtered(out)]
+
+
+@pytest.fixture
+def clip_loads(monkeypatch):
+    """Counts the CLIPs loaded for scoring."""
+    from ip2p_nodes.pipeline_core.scoring import clip
+
+    loaded = []
+    real = clip.load_clip
+
+    def counting(source, device="cpu"):
+        loaded.append(source.name)
+        return real(source, device)
+
+    monkeypatch.setattr(clip, "load_clip", counting)
+    clip.CLIP_CACHE.clear()
+    yield loaded
+    clip.CLIP_CACHE.clear()
+
+
+def _toy_batch(*args) -> int:
+    """The toy model by its alias (its own guidance) at 4 steps: edits good and bad enough that the toy CLIP's
+    scores spread on both sides of the thresholds (at 2 steps nearly every edit scores low)."""
+    return cli.main(["batch", *map(str, args), "--model", "toy", "--steps", "4"])
+
+
+def test_the_clip_filter_keeps_exactly_the_edits_above_both_thresholds_and_refilters_without_editing(
+        tmp_path, monkeypatch, loads, clip_loads):
+    pictures = write_pictures(tmp_path / "in", 4)
+    manifest = write_manifest(tmp_path / "rows.jsonl", mixed_rows(pictures, 8, tmp_path))
+    out = tmp_path / "out"
+    direction, image = 0.2, 0.5
+
+    assert _toy_batch(manifest, "--out", out, "--filter-clip", "toy", "--min-direction", direction,
+                  "--min-image", image) == 0
+
+    measured = _scores(out)
+    kept, dropped = _split(out)
+    assert sorted(kept + dropped) == list(range(1, 9)) and sorted(loads) == list(range(1, 9))
+    assert kept == [n for n in range(1, 9) if measured[n][0] >= direction and measured[n][1] >= image]
+    assert kept and dropped, f"thresholds that split nothing test nothing: {measured}"
+    for r in triplets(out) + filtered(out):  # the stored scores are those of the written picture
+        assert (r["clip_direction"], r["clip_image"]) == pytest.approx(measured[r["row"]], abs=1e-5)
+        assert r["clip"] == "toy-clip" and r["direction_from"] == "instruction"
+    first = results(out)
+
+    # Same command again: nothing edited, nothing loaded, the same rows.
+    with monkeypatch.context() as m:
+        m.setattr(ModelCache, "get", lambda self, key: pytest.fail("a finished job loaded the model again"))
+        assert _toy_batch(manifest, "--out", out, "--filter-clip", "toy", "--min-direction", direction,
+                      "--min-image", image) == 0
+        assert _split(out) == (kept, dropped) and results(out) == first
+        # New thresholds: re-filtered from the stored scores, neither edit model nor CLIP loaded.
+        before = len(clip_loads)
+        assert _toy_batch(manifest, "--out", out, "--filter-clip", "toy", "--min-direction", "-1",
+                      "--min-image", "0.9") == 0
+        assert _split(out)[0] == [n for n in range(1, 9) if measured[n][1] >= 0.9]
+        assert len(clip_loads) == before
+        # No filter: every done row is a training row again, and filtered.jsonl goes.
+        assert _toy_batch(manifest, "--out", out) == 0
+        assert _split(out) == (list(range(1, 9)), []) and not (out / "filtered.jsonl").exists()
+        assert _toy_batch(manifest, "--out", out, "--filter-clip", "toy", "--min-direction", direction,
+                      "--min-image", image) == 0
+        assert _split(out) == (kept, dropped) and len(clip_loads) == before
+    assert len(loads) == 8
+
+
+def test_a_filter_added_to_a_finished_job_scores_its_pictures_without_editing_them(
+        tmp_path, monkeypatch, loads, caplog):
+    pictures = write_pictures(tmp_path / "in", 2)
+    rows = mixed_rows(pictures, 3, tmp_path)
+    rows[0].update(caption_before="a red circle and a star", caption_after="a red circle")
+    rows[2].update(caption_before="only this one")
+    manifest = write_manifest(tmp_path / "rows.jsonl", rows)
+    out = tmp_path / "out"
+    assert _batch(manifest, "--out", out) == 0  # no filter: captions are not read, every row is done
+    assert [r["row"] for r in triplets(out)] == [1, 2, 3]
+
+    with monkeypatch.context() as m:
+        m.setattr(ModelCache, "get", lambda self, key: pytest.fail("scoring done rows loaded the edit model"))
+        assert _batch(manifest, "--out", out, "--filter-clip", "toy", "--min-direction", "-1",
+                      "--min-image", "-1") == 1
+    assert len(loads) == 3
+    assert [r["row"] for r in triplets(out)] == [1, 2] and "2 pictures done before scored now" in caplog.text
+    by_row = {r["row"]: r for r in triplets(out)}
+    assert by_row[1]["direction_from"] == "captions" and by_row[2]["direction_from"] == "instruction"
+    assert (by_row[1]["clip_direction"], by_row[1]["clip_image"]) == pytest.approx(_scores(out)[1], abs=1e-5)
+    assert "row 3 (pic00.png): only one caption was given" in caplog.text
+
+
+def test_moving_rows_between_triplets_and_filtered_never_loses_a_row_to_a_crash(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    records = [{"key": f"k{i}", "edited": f"p{i}.png", "row": i} for i in range(4)]
+    with OutputStore(out) as store:
+        for r in records:
+            store.put_picture(r["edited"], b"png")
+        store.rewrite(records[:2], records[2:])
+    real = os.replace
+    for crash_at in (1, 2, 3):  # the three replaces of a rewrite that swaps the two halves
+        calls = []
+
+        def crashing(src, dst, crash_at=crash_at, calls=calls):
+            calls.append(dst)
+            if len(calls) == crash_at:
+                raise OSError("power cut")
+            return real(src, dst)
+
+        with OutputStore(out) as store:
+            monkeypatch.setattr(os, "replace", crashing)
+            with pytest.raises(OSError):
+                store.rewrite(records[2:], records[:2])
+            monkeypatch.setattr(os, "replace", real)
+            assert sorted(store.read()) == ["k0", "k1", "k2", "k3"], f"a row was lost at replace {crash_at}"
+            store.rewrite(records[:2], records[2:])  # as the next run's start would
+    with OutputStore(out) as store:
+        store.rewrite(records[2:], records[:2])
+    assert [r["key"] for r in triplets(out)] == ["k2", "k3"] and [r["key"] for r in filtered(out)] == ["k0", "k1"]

@@ -16,7 +16,15 @@ import time
 import pytest
 
 from ip2p_nodes.pipeline_core import cli
-from support.batch_data import TOY_ARGS, mixed_rows, results, triplets, write_manifest, write_pictures
+from support.batch_data import (
+    TOY_ARGS,
+    filtered,
+    mixed_rows,
+    results,
+    triplets,
+    write_manifest,
+    write_pictures,
+)
 
 ray = pytest.importorskip("ray", reason='Ray is not installed; pip install "ip2p-nodes[ray]" to test the Ray engine')
 pytest.importorskip("ray.data", reason="Ray is installed without Ray Data; pip install \"ray[data]\"")
@@ -59,6 +67,24 @@ def test_ray_and_local_engines_give_identical_pictures_and_rows(local_ray, job, 
     assert results(tmp_path / "ray") == results(local)  # bit-identical pictures, under the same keys
     assert _rows(tmp_path / "ray") == _rows(local)
     assert len(results(local)) == 24
+
+
+def test_with_the_clip_filter_both_engines_keep_and_filter_the_same_rows_with_the_same_scores(local_ray, job,
+                                                                                               tmp_path):
+    manifest, _ = job
+    small = manifest.with_name("six.jsonl")
+    small.write_text("\n".join(manifest.read_text().splitlines()[:6]) + "\n")
+    # The toy model by its alias at 4 steps: edits on both sides of the thresholds (see test_batch.py).
+    common = ["--model", "toy", "--steps", "4", "--filter-clip", "toy", "--min-direction", "0.2", "--min-image", "0.5"]
+    assert cli.main(["batch", str(small), "--out", str(tmp_path / "local"), "--threads", "1", *common]) == 0
+    assert cli.main(["batch", str(small), "--out", str(tmp_path / "ray"), "--engine", "ray", "--workers", "2",
+                     *common]) == 0
+
+    for out in ("local", "ray"):
+        assert len(triplets(tmp_path / out)) + len(filtered(tmp_path / out)) == 6
+    assert results(tmp_path / "ray") == results(tmp_path / "local")
+    assert _rows(tmp_path / "ray") == _rows(tmp_path / "local")  # scores included
+    assert filtered(tmp_path / "ray") == filtered(tmp_path / "local") != []
 
 
 def _worker_pids() -> list[int]:

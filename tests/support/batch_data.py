@@ -45,8 +45,13 @@ def mixed_rows(pictures: list[Path], n: int, base: Path) -> list[dict]:
     return rows
 
 
-def triplets(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "triplets.jsonl").read_text().splitlines()]
+def triplets(out: Path, name: str = "triplets.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (out / name).read_text().splitlines()]
+
+
+def filtered(out: Path) -> list[dict]:
+    """The rows ``--filter-clip`` left out of triplets.jsonl (none when it wrote no filtered.jsonl)."""
+    return triplets(out, "filtered.jsonl") if (out / "filtered.jsonl").is_file() else []
 
 
 def results(out: Path) -> dict[str, bytes]:
