@@ -5,7 +5,8 @@
 ``full`` builds the real SD1.5-IP2P architecture (860 M-parameter UNet) with random weights: speed does not
 depend on the weights' values, and nothing is downloaded. ``tiny`` is the test model (seconds, for a smoke run).
 Prints seconds per edit, seconds per step, ratios against the anchor, and the UNet floor (how much of a step
-is spent outside the UNet).
+is spent outside the UNet); then (``--sections memory``, full model) the peak memory of fresh processes doing
+load + one edit, ours against diffusers' (benchmarks/peak_memory.py). ``--json PATH`` writes every figure.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import peak_memory  # beside this file: run as a script, its folder is on sys.path
 import torch
 
 from ip2p_nodes.pipeline_core import ModelCache, ModelSource, SeedPlan, edit, encode_instruction
@@ -67,10 +69,26 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--sections", nargs="+", choices=("speed", "memory"), default=["speed", "memory"],
+                   help="memory: peak RSS of fresh processes, full-size model only (see peak_memory.py)")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    peak_memory.add_arguments(p)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_grad_enabled(False)
+    figures = {}
+    if "speed" in args.sections:
+        figures["speed"] = speed_section(args)
+    if "memory" in args.sections and args.model == "full":
+        # Each case is a fresh process, so what the speed section left in this one does not count.
+        figures["memory"] = peak_memory.run_section(args, args.resolution, args.steps)
+        peak_memory.print_table(figures["memory"])
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
 
+
+def speed_section(args) -> dict:
+    """Seconds per edit of diffusers' pipeline and ours in this process; prints the table, returns the figures."""
     with tempfile.TemporaryDirectory() as tmp:
         unet, vae, te, tok, sched = build_modules(args.model, Path(tmp))
         img = torch.rand(1, args.resolution, args.resolution, 3, generator=torch.Generator().manual_seed(0))
@@ -137,7 +155,9 @@ def main() -> None:
         else:
             share, ratio = f"{100 * secs / total:5.0f}%", ""
         print(f"{name:58s} {secs:9.3f} {secs / args.steps:8.3f} {share:>6s} {ratio:>10s}")
-
+    return {"model": args.model, "resolution": args.resolution, "steps": args.steps,
+            "threads": torch.get_num_threads(), "anchor_seconds": anchor,
+            "rows": [{"what": name.strip(), "seconds": secs, "vs_anchor": anchor / secs} for name, secs in rows]}
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,7 @@ size) is asked through the model; nothing here knows which family it runs.
 
 What this does that the anchors get wrong for users (shared/REFERENCE.md §3): per-item generators, image
 guidance below 1, passes skipped where the formula does not need them, output at the input's exact size, masks
-that keep the unmasked pixels bit for bit, edit strength, and progress/Cancel on every step.
+that keep the unmasked pixels bit for bit, edit strength, progress on every step and Cancel within a UNet call.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 
 from ..models.cache import CachedModel
 from . import guidance, resolution
+from .cancel import CancelCheck, cancel_points, checked_blocks
 from .conditioning import Conditioning, check_conditioning
 from .control import BatchControl, check_hints, hint_frame
 from .denoiser import Denoiser
@@ -37,7 +38,8 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, "torch.Tensor | None"], None]
 """progress(done, total, preview): called after every step with the batch's current estimate of the clean
-latents (diffusers-scaled; see :data:`.sampling.StepCallback`); may raise to cancel (ComfyUI's Cancel does)."""
+latents (diffusers-scaled; see :data:`.sampling.StepCallback`); may raise to cancel. Cancel checked only here waits
+for a whole step; pass ``check_cancel`` to :func:`edit` to stop within a UNet call."""
 
 
 @dataclass
@@ -236,6 +238,7 @@ def edit(
     restore_detail: bool = True,
     crop_to_mask: bool = False,
     crop_padding: int | None = None,
+    check_cancel: CancelCheck | None = None,
 ) -> EditResult:
     """Edit every image of the IMAGE batch ``images`` with every item of ``plan``.
 
@@ -264,6 +267,10 @@ def edit(
 
     ControlNets on ``cond`` (:func:`.control.add_control`) steer every UNet pass of the steps they cover; their
     hints follow each picture's region (see :mod:`.control` for the conventions).
+
+    ``check_cancel``: called before every step and before each block of every UNet and VAE call (see
+    :mod:`.cancel`); raising there stops the edit within a fraction of a UNet call, and the model stays as it
+    was, so the next edit gives the same picture as if this one had never started.
     """
     check_conditioning(model, cond)
     c = model.components
@@ -290,22 +297,27 @@ def edit(
     passes = max(len(guidance.required_passes(s_t, s_i)) for s_t, s_i in guidances)
     model.ensure_loaded("unet", "vae",
                         memory_required=unet_activation_bytes(model, largest, passes * settings.max_batch))
-    image_latents = [encode_images(model, r.low)[0] for r in regions]
-    jobs, batches = plan_batches(regions, [tuple(z.shape) for z in image_latents], guidances, settings.max_batch)
+    with cancel_points(checked_blocks(c.unet, c.vae), check_cancel):
+        image_latents = [encode_images(model, r.low)[0] for r in regions]
+        jobs, batches = plan_batches(regions, [tuple(z.shape) for z in image_latents], guidances,
+                                     settings.max_batch)
 
-    total = len(batches) * strength_steps(settings.steps, settings.denoise)
-    done = 0
+        total = len(batches) * strength_steps(settings.steps, settings.denoise)
+        done = 0
 
-    def on_step(_latents: torch.Tensor, denoised: torch.Tensor) -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, total, denoised)
+        def on_step(_latents: torch.Tensor, denoised: torch.Tensor) -> None:
+            nonlocal done
+            done += 1
+            if check_cancel is not None:
+                check_cancel()
+            if progress is not None:
+                progress(done, total, denoised)
 
-    results: dict[int, torch.Tensor] = {}
-    for b in batches:
-        out = sample_batch(model, cond, b, jobs, regions, image_latents, items, scheduler_name, settings, on_step)
-        for j, lat in zip(b.jobs, out):
-            results[j] = lat.float().cpu()
-    out_images, out_latents = finish(model, regions, image_latents, jobs, results, settings, (height, width))
+        results: dict[int, torch.Tensor] = {}
+        for b in batches:
+            out = sample_batch(model, cond, b, jobs, regions, image_latents, items, scheduler_name, settings,
+                               on_step)
+            for j, lat in zip(b.jobs, out):
+                results[j] = lat.float().cpu()
+        out_images, out_latents = finish(model, regions, image_latents, jobs, results, settings, (height, width))
     return EditResult(out_images, out_latents, [(b, items[k]) for b, k in jobs])

@@ -159,7 +159,9 @@ def match_text_encoder_keys(state: dict[str, torch.Tensor], expected: set[str]) 
     out = {}
     for key, value in state.items():
         has_level = key.startswith("text_model.")
-        if has_level and not wants_level:
+        if key in expected:
+            pass  # already this transformers' name (CLIPTextModelWithProjection's text_projection sits above the level)
+        elif has_level and not wants_level:
             key = key[len("text_model."):]
         elif wants_level and not has_level:
             key = "text_model." + key

@@ -349,13 +349,16 @@ def test_bad_guidance_list_text_is_refused_with_its_reason(text, reason):
         IP2PSeedPlan.execute(0, 2, "increment", "", text)
 
 
-def test_cancel_stops_within_one_step_and_the_next_run_works(tiny, monkeypatch):
+def test_cancel_stops_inside_the_next_unet_call_and_the_next_run_works(tiny, monkeypatch):
     image = picture(24, 32)
     reference = run(tiny, image, steps=6)[0]
 
-    reported, unet_calls, armed = [], [], [True]
+    reported, unet_calls, armed = [], {"started": 0, "finished": 0}, [True]
     unet = MODEL_CACHE.get(tiny).components.unet
-    handle = unet.register_forward_hook(lambda *a: unet_calls.append(1))
+    handles = [
+        unet.register_forward_pre_hook(lambda *a: unet_calls.__setitem__("started", unet_calls["started"] + 1)),
+        unet.register_forward_hook(lambda *a: unet_calls.__setitem__("finished", unet_calls["finished"] + 1)),
+    ]
 
     def progress_hook(value, total, preview, prompt_id=None, node_id=None):
         reported.append((value, total))
@@ -366,13 +369,15 @@ def test_cancel_stops_within_one_step_and_the_next_run_works(tiny, monkeypatch):
     try:
         with pytest.raises(mm.InterruptProcessingException):
             run(tiny, image, steps=6)
-        # Cancel came after step 3: the step already under way (4) finishes, no further one starts.
+        # Cancel came after step 3: step 4's UNet call began and stopped at its first block, not at its end.
         assert reported == [(1, 6), (2, 6), (3, 6)]
-        assert len(unet_calls) == 4
+        assert unet_calls == {"started": 4, "finished": 3}
         assert not mm.processing_interrupted()
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         armed[0] = False
+    assert not any(m._forward_pre_hooks for m in unet.down_blocks)
     assert torch.equal(run(tiny, image, steps=6)[0], reference)
 
 

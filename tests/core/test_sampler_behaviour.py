@@ -116,6 +116,92 @@ def test_cancel_from_progress_stops_within_one_step_and_the_next_run_works(famil
     assert torch.equal(again.images, ref.images)
 
 
+class _Cancelled(Exception):
+    pass
+
+
+def _pre_hooks(module: torch.nn.Module) -> int:
+    return sum(len(m._forward_pre_hooks) for m in module.modules())
+
+
+def test_cancel_check_stops_inside_the_first_unet_call_and_the_next_edit_is_untouched(family_model):
+    """A step of a big batch on a CPU takes a minute: Cancel must not wait for it to end."""
+    c = family_model.components
+    cond = encode_instruction(family_model, "add snow")
+    reference = edit(family_model, cond, _img(), SeedPlan.single(1), steps=3)
+    unet_hooks, vae_hooks = _pre_hooks(c.unet), _pre_hooks(c.vae)
+
+    unet_calls = {"started": 0, "finished": 0}
+    started = c.unet.register_forward_pre_hook(lambda *_: unet_calls.__setitem__("started", unet_calls["started"] + 1))
+    finished = c.unet.register_forward_hook(lambda *_: unet_calls.__setitem__("finished", unet_calls["finished"] + 1))
+    checks_in_unet, progressed = [], []
+
+    def check_cancel():
+        inside = unet_calls["started"] > unet_calls["finished"]
+        checks_in_unet.append(inside)
+        if sum(checks_in_unet) == 2:  # the second block of the first UNet call
+            raise _Cancelled
+
+    try:
+        with pytest.raises(_Cancelled):
+            edit(family_model, cond, _img(), SeedPlan.single(1), steps=3, check_cancel=check_cancel,
+                 progress=lambda *a: progressed.append(a))
+    finally:
+        started.remove()
+        finished.remove()
+    assert unet_calls == {"started": 1, "finished": 0}  # stopped in the middle of the very first UNet call
+    assert progressed == []
+    # The hooks lasted only as long as the call; the cached model gives the picture it gave before.
+    assert (_pre_hooks(c.unet), _pre_hooks(c.vae)) == (unet_hooks, vae_hooks)
+    again = edit(family_model, cond, _img(), SeedPlan.single(1), steps=3)
+    assert torch.equal(again.images, reference.images)
+    assert torch.equal(again.latents, reference.latents)
+
+
+def test_cancel_check_runs_several_times_per_unet_call_and_changes_nothing_when_it_returns(fp32_model):
+    cond = encode_instruction(fp32_model, "add snow")
+    unet = fp32_model.components.unet
+    calls = []
+    plain = edit(fp32_model, cond, _img(), make_plan(1, 2), steps=2)
+    checked = edit(fp32_model, cond, _img(), make_plan(1, 2), steps=2, check_cancel=lambda: calls.append(1))
+    assert torch.equal(checked.images, plain.images)
+    blocks = len(unet.down_blocks) + 1 + len(unet.up_blocks)
+    assert len(calls) > 2 * blocks  # two UNet calls, each checked before every block
+
+
+def test_cancel_check_is_also_run_during_the_vae_decode(fp32_model):
+    cond = encode_instruction(fp32_model, "add snow")
+    decoded = []
+    decoder = fp32_model.components.vae.decoder
+    handle = decoder.register_forward_pre_hook(lambda *_: decoded.append(1))
+
+    def check_cancel():
+        if decoded:
+            raise _Cancelled
+
+    try:
+        with pytest.raises(_Cancelled):
+            edit(fp32_model, cond, _img(), make_plan(1, 3), steps=1, check_cancel=check_cancel)
+    finally:
+        handle.remove()
+    assert decoded == [1]  # the first picture's decode was stopped; the other two never began
+
+
+def test_ctrl_c_inside_a_unet_call_reaches_the_caller(fp32_model):
+    cond = encode_instruction(fp32_model, "add snow")
+    unet = fp32_model.components.unet
+
+    def ctrl_c(*_):
+        raise KeyboardInterrupt  # where Python raises it when Ctrl-C comes during the UNet's middle block
+
+    handle = unet.mid_block.register_forward_pre_hook(ctrl_c)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            edit(fp32_model, cond, _img(), SeedPlan.single(1), steps=2)
+    finally:
+        handle.remove()
+
+
 def test_progress_reports_every_step_of_every_batch(fp32_model):
     cond = encode_instruction(fp32_model, "add snow")
     calls = []

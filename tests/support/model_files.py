@@ -48,13 +48,14 @@ def _config(name: str) -> dict:
     return json.loads((CONFIG_DIR / f"{name}.json").read_text())
 
 
-def _materialize_random(module: torch.nn.Module, generator: torch.Generator) -> torch.nn.Module:
-    """Allocate a meta-device module in fp16 and fill it like a fan-in scaled initialisation.
+def _materialize_random(module: torch.nn.Module, generator: torch.Generator,
+                        dtype: torch.dtype = torch.float16) -> torch.nn.Module:
+    """Allocate a meta-device module in ``dtype`` and fill it like a fan-in scaled initialisation.
 
     Matrices and kernels get N(0, 1/fan_in), norm scales 1 and biases 0, so activations keep a sane size
     through the whole network (no inf/NaN in ComfyUI's fp32 CPU compute) without the cost of the usual init.
     """
-    module = module.to(torch.float16).to_empty(device="cpu")
+    module = module.to(dtype).to_empty(device="cpu")
     with torch.no_grad():
         for name, p in module.named_parameters():
             if p.ndim >= 2:
@@ -156,17 +157,10 @@ def write_tiny_controlnet(path: Path, seed: int = 0) -> Path:
     return tiny_controlnet.write_original_file(tiny_controlnet.make_controlnet(dict(unet.config)), path)
 
 
-def write_full_size_ip2p_checkpoint(path: Path, seed: int = 0) -> Path:
-    """A full-size SD1.5 InstructPix2Pix checkpoint (8-channel UNet, VAE, CLIP-L; random fp16 weights).
-
-    Written by the pack's own ``save_single_file``, so it is the layout a user gets from the pack, and full
-    size, because ComfyUI recognises SD1.5 IP2P by the UNet's shapes. About 2 GB; ~15 s on two cores. It
-    carries no tokenizer: both loaders use ComfyUI's bundled SD1 tokenizer, as with a real downloaded file.
-    """
+def _full_size_ip2p_modules(seed: int, dtype: torch.dtype) -> tuple[torch.nn.Module, ...]:
+    """The real SD1.5 InstructPix2Pix architecture (8-channel UNet, VAE, CLIP-L) with random ``dtype`` weights."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from ip2p_nodes.pipeline_core.models.loading import save_single_file
 
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
@@ -174,8 +168,38 @@ def write_full_size_ip2p_checkpoint(path: Path, seed: int = 0) -> Path:
         vae = AutoencoderKL.from_config(_config("vae"))
         text_encoder = CLIPTextModel(CLIPTextConfig(**_config("text_encoder")))
     assert unet.config.in_channels == 8
-    modules = [_materialize_random(m, generator) for m in (unet, vae, text_encoder)]
-    return save_single_file(tuple(modules), path, family="sd15")
+    return tuple(_materialize_random(m, generator, dtype) for m in (unet, vae, text_encoder))
+
+
+def write_full_size_ip2p_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A full-size SD1.5 InstructPix2Pix checkpoint (8-channel UNet, VAE, CLIP-L; random fp16 weights).
+
+    Written by the pack's own ``save_single_file``, so it is the layout a user gets from the pack, and full
+    size, because ComfyUI recognises SD1.5 IP2P by the UNet's shapes. About 2 GB; ~15 s on two cores. It
+    carries no tokenizer: both loaders use ComfyUI's bundled SD1 tokenizer, as with a real downloaded file.
+    """
+    from ip2p_nodes.pipeline_core.models.loading import save_single_file
+
+    return save_single_file(_full_size_ip2p_modules(seed, torch.float16), path, family="sd15")
+
+
+def write_full_size_ip2p_folder(path: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """A full-size SD1.5 InstructPix2Pix diffusers folder with random weights, fp32 as timbrooks/instruct-pix2pix
+    ships it (~4.3 GB): what the memory benchmark loads with both our loader and diffusers' pipeline.
+
+    The tokenizer is the pack's byte-level one (a real CLIP vocabulary is a download); the text encoder reads it
+    as any other.
+    """
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
+
+    unet, vae, text_encoder = _full_size_ip2p_modules(seed, dtype)
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tiny_models.write_tokenizer(path / "_tok"), unet=unet,
+        scheduler=EulerAncestralDiscreteScheduler.from_config(_config("scheduler")),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(path))
+    return path
 
 
 def write_cosxl_checkpoint(path: Path, seed: int = 3) -> Path:

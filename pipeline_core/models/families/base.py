@@ -21,7 +21,9 @@ import torch
 from ...errors import InputError, ModelLoadError
 from .. import schedulers
 from ..components import IP2PComponents
+from ..ldm_format import load_text_encoder
 from ..precision import Precision
+from ..weights import load_folder_module
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,34 @@ def diffusers_load_kwargs(dtype: torch.dtype) -> dict[str, Any]:
     from diffusers.utils import is_accelerate_available
 
     return {"local_files_only": True, "torch_dtype": dtype, "low_cpu_mem_usage": is_accelerate_available()}
+
+
+def folder_unet_vae(path: Path, precision: Precision) -> dict[str, torch.nn.Module]:
+    """A diffusers folder's UNet and VAE, read straight into their dtypes (see :mod:`..weights`)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    return {
+        role: load_folder_module(
+            path / role, dtype, cls.from_config,
+            lambda cls=cls, role=role, dtype=dtype: cls.from_pretrained(path, subfolder=role,
+                                                                        **diffusers_load_kwargs(dtype)),
+        )
+        for role, cls, dtype in (("unet", UNet2DConditionModel, precision.unet),
+                                 ("vae", AutoencoderKL, precision.vae))
+    }
+
+
+def folder_text_encoder(path: Path, subfolder: str, model_class, dtype: torch.dtype) -> torch.nn.Module:
+    """A diffusers folder's CLIP text encoder (plain or ``WithProjection``), read straight into ``dtype``."""
+
+    def load(text_encoder, state):
+        load_text_encoder(text_encoder, state)
+        fix_position_ids(text_encoder)  # a derived buffer: never in the file, left on the meta device by build
+
+    return load_folder_module(
+        path / subfolder, dtype, lambda config: model_class(model_class.config_class.from_dict(config)),
+        lambda: model_class.from_pretrained(path, subfolder=subfolder, local_files_only=True), load,
+    )
 
 
 def fix_position_ids(text_encoder) -> None:

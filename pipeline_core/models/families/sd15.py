@@ -20,8 +20,9 @@ from .base import (
     Family,
     TextEncoding,
     check_tokenizer,
-    diffusers_load_kwargs,
     fix_position_ids,
+    folder_text_encoder,
+    folder_unet_vae,
     read_json,
     single_file_tokenizer,
     tokenize,
@@ -52,16 +53,13 @@ class SD15Family(Family):
         return "text_encoder" in index and "text_encoder_2" not in index
 
     def load_folder(self, path: Path, precision: Precision, device: torch.device, source) -> IP2PComponents:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         scheduler_config = read_json(path / "scheduler" / "scheduler_config.json")
         try:
             modules = {
-                "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet",
-                                                             **diffusers_load_kwargs(precision.unet)),
-                "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", **diffusers_load_kwargs(precision.vae)),
-                "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True),
+                **folder_unet_vae(path, precision),
+                "text_encoder": folder_text_encoder(path, "text_encoder", CLIPTextModel, precision.text_encoder),
                 "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True),
             }
         except (OSError, ValueError, RuntimeError) as exc:

@@ -31,8 +31,9 @@ from .base import (
     TextEncoding,
     check_tokenizer,
     checkpoint_facts,
-    diffusers_load_kwargs,
     fix_position_ids,
+    folder_text_encoder,
+    folder_unet_vae,
     read_json,
     single_file_tokenizer,
     tokenize,
@@ -101,7 +102,6 @@ class SDXLFamily(Family):
 
     # ------------------------------------------------------------------------------------------ loading
     def load_folder(self, path: Path, precision: Precision, device: torch.device, source) -> IP2PComponents:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         scheduler_config = read_json(path / "scheduler" / "scheduler_config.json")
@@ -114,13 +114,10 @@ class SDXLFamily(Family):
                     path, subfolder="tokenizer", local_files_only=True, **clip_g_pad_kwargs(tokenizer)
                 )
             modules = {
-                "unet": UNet2DConditionModel.from_pretrained(path, subfolder="unet",
-                                                             **diffusers_load_kwargs(precision.unet)),
-                "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", **diffusers_load_kwargs(precision.vae)),
-                "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True),
-                "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
-                    path, subfolder="text_encoder_2", local_files_only=True
-                ),
+                **folder_unet_vae(path, precision),
+                "text_encoder": folder_text_encoder(path, "text_encoder", CLIPTextModel, precision.text_encoder),
+                "text_encoder_2": folder_text_encoder(path, "text_encoder_2", CLIPTextModelWithProjection,
+                                                      precision.text_encoder),
                 "tokenizer": tokenizer,
                 "tokenizer_2": tokenizer_2,
             }
