@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     ty.add_argument("--install", action="store_true", help=f"copy the result to {toy.toy_model_path()}")
     ty.add_argument("--vae-steps", type=int, default=toy.RECIPE["vae_steps"])
     ty.add_argument("--triplets", type=int, default=toy.RECIPE["triplets"])
+    ty.add_argument("--refine-steps", type=int, default=toy.RECIPE["refine_steps"],
+                    help="stage 3: continued-training steps after the sharper decoder (0 skips stage 3)")
+    ty.add_argument("--stage2", type=Path, default=None,
+                    help="start stage 3 from this stage-2 model file (OUT/stage2/toy-ip2p-stage2.safetensors of an "
+                         "earlier run) instead of training stages 1 and 2")
     _add_train_options(ty, toy.recipe_config())
     # The toy UNet is too small to gain from more threads, and on a shared machine extra threads cost a lot.
     ty.set_defaults(threads=1)
@@ -96,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                                        args.restart)
         else:
             folder, single = toy.build_toy(args.out, parse_config(args), vae_steps=args.vae_steps,
-                                           n_triplets=args.triplets, install=args.install)
+                                           n_triplets=args.triplets, install=args.install,
+                                           refine_steps=args.refine_steps, stage2=args.stage2)
     except IP2PError as exc:
         log.error("%s", exc)
         return 2

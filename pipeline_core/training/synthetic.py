@@ -191,6 +191,45 @@ def triplet(index: int, seed: int = 0, split: str = "train", size: int = BASE_SI
     return Triplet(render(before, size), instruction, render(after, size), kind, before, after, target)
 
 
+def instructed(scene: Scene, instruction: str, size: int = BASE_SIZE) -> Triplet:
+    """The exact edit of ``scene`` that ``instruction`` asks for, as a :class:`Triplet` (for rule-checking examples).
+
+    Reads the five instruction templates of :func:`random_edit`; anything else, or an instruction about a shape
+    the scene lacks (or a shape to add that it already has), is a ``ValueError``.
+    """
+    words = instruction.strip().lower().split()
+    shapes = list(scene.shapes)
+
+    def present(kind: str) -> int:
+        for i, s in enumerate(shapes):
+            if s.kind == kind:
+                return i
+        raise ValueError(f"{instruction!r}: the scene has no {kind}")
+
+    if words == ["make", "it", "darker"]:
+        kind, after, target = "darker", replace(scene, darkness=scene.darkness * DARKER_FACTOR), None
+    elif len(words) == 4 and words[:2] == ["make", "the"] and words[2] in SHAPES and words[3] in COLOURS:
+        i = present(words[2])
+        shapes[i] = target = replace(shapes[i], colour=words[3])
+        kind, after = "recolor", replace(scene, shapes=tuple(shapes))
+    elif (len(words) == 6 and words[:2] == ["turn", "the"] and words[3:5] == ["into", "a"]
+          and words[2] in SHAPES and words[5] in SHAPES and scene.find(words[5]) is None):
+        i = present(words[2])
+        shapes[i] = target = replace(shapes[i], kind=words[5])
+        kind, after = "morph", replace(scene, shapes=tuple(shapes))
+    elif len(words) == 3 and words[:2] == ["remove", "the"] and words[2] in SHAPES:
+        target = shapes.pop(present(words[2]))
+        kind, after = "remove", replace(scene, shapes=tuple(shapes))
+    elif (len(words) == 4 and words[:2] == ["add", "a"] and words[2] in COLOURS and words[3] in SHAPES
+          and scene.find(words[3]) is None and len(shapes) < 4):
+        slot = min(set(range(4)) - {s.slot for s in shapes})
+        target = Shape(words[3], words[2], slot, *slot_centre(slot), ADD_RADIUS)
+        kind, after = "add", replace(scene, shapes=tuple(sorted(shapes + [target], key=lambda s: s.slot)))
+    else:
+        raise ValueError(f"{instruction!r} is not an edit of this scene in the shapes world's templates")
+    return Triplet(render(scene, size), instruction, render(after, size), kind, scene, after, target)
+
+
 def triplets(n: int, seed: int = 0, split: str = "train", size: int = BASE_SIZE, start: int = 0) -> Iterator[Triplet]:
     for i in range(start, start + n):
         yield triplet(i, seed, split, size)

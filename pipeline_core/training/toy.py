@@ -231,6 +231,7 @@ def build_vae(out: Path, steps: int, seed: int = 0):
 RECIPE = {
     "vae_steps": 2000,
     "triplets": 20_000,
+    "refine_steps": 5000,  # stage 3, see toy_refine.REFINE
     "train": {
         "steps": 15000, "batch_size": 32, "learning_rate": 5e-4, "text_encoder_lr": 5e-4, "ema_decay": 0.999,
         "snr_gamma": 5.0, "warmup_steps": 200, "cosine_decay": False, "mixed_precision": "no",
@@ -243,22 +244,17 @@ def recipe_config(**overrides):
     return TrainConfig(**{**RECIPE["train"], **overrides})
 
 
-def build_toy(out: Path, config=None, vae_steps: int = RECIPE["vae_steps"], n_triplets: int = RECIPE["triplets"],
-              install: bool = False, progress: bool = True):
-    """Train the toy model from nothing into ``out``; continues a cut-off run. Returns (diffusers folder, file)."""
-    import shutil
+STAGE2_NAME = "toy-ip2p-stage2.safetensors"
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = config or recipe_config()
+
+def train_stages_1_and_2(out: Path, config, vae_steps: int, n_triplets: int, progress: bool = True):
+    """The VAE, then the UNet and text encoder on ``n_triplets``; returns (unet, vae, text_encoder, facts)."""
     seed = config.seed
     vae = build_vae(out, vae_steps, seed=seed)
     tokenizer = write_tokenizer(out / "tokenizer")
     torch.manual_seed(seed)
     text_encoder = make_text_encoder(tokenizer)
     unet = make_unet()
-    scheduler_config = json.loads((CONFIG_DIR / "sd15" / "scheduler.json").read_text())
-
     data_file = out / f"latents-{n_triplets}.pt"
     if data_file.is_file():
         dataset = LatentDataset(**torch.load(str(data_file), weights_only=True))
@@ -266,19 +262,59 @@ def build_toy(out: Path, config=None, vae_steps: int = RECIPE["vae_steps"], n_tr
         log.info("toy: rendering and encoding %d training triplets", n_triplets)
         dataset = encode_dataset(vae, synthetic_records(n_triplets, seed=seed), batch_size=256, progress=progress)
         torch.save(vars(dataset), str(data_file))
-    trainer = Trainer(unet, text_encoder, tokenizer, scheduler_config, dataset, config)
+    trainer = Trainer(unet, text_encoder, tokenizer, scheduler_config(), dataset, config)
     ckpt = out / "checkpoints"
     if (ckpt / CHECKPOINT_NAME).is_file():
         trainer.load_checkpoint(ckpt)
     trainer.train(ckpt, progress=progress)
     unet, text_encoder = trainer.final_modules()
+    facts = {"vae_steps": vae_steps, "triplets": n_triplets, "train": dict(vars(config)),
+             "steps_done": trainer.state.step, "final_loss": float(np.mean(trainer.state.losses[-200:]))}
+    return unet, vae, text_encoder, facts
+
+
+def scheduler_config() -> dict:
+    return json.loads((CONFIG_DIR / "sd15" / "scheduler.json").read_text())
+
+
+def build_toy(out: Path, config=None, vae_steps: int = RECIPE["vae_steps"], n_triplets: int = RECIPE["triplets"],
+              install: bool = False, progress: bool = True, refine_steps: int = RECIPE["refine_steps"],
+              stage2: Path | None = None):
+    """Train the toy model from nothing into ``out``; continues a cut-off run. Returns (diffusers folder, file).
+
+    Stage 1 the VAE, stage 2 the UNet and text encoder on ``n_triplets`` (written as ``out/stage2/``), stage 3
+    (:mod:`.toy_refine`, ``refine_steps`` UNet steps; 0 skips it) a sharper decoder and continued training on
+    the weak edit kinds. ``stage2``: a stage-2 model file to start stage 3 from instead of training stages 1-2.
+    """
+    import shutil
+
+    from ..models.loading import ModelSource, load_components
+    from ..models.precision import resolve_precision
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = config or recipe_config()
+    tokenizer = write_tokenizer(out / "tokenizer")
+    if stage2 is None:
+        unet, vae, text_encoder, facts = train_stages_1_and_2(out, config, vae_steps, n_triplets, progress)
+        _, stage2 = save_model(out / "stage2", unet, vae, text_encoder, tokenizer, scheduler_config(),
+                               single_file_name=STAGE2_NAME, dtype=torch.float16)
+    else:
+        facts = {"stage2": str(stage2)}
+    # Stage 3 starts from the stage-2 model as written (fp16, like the shipped file), so the same command gives
+    # the same result whether stage 2 ran just now or earlier: the shipped model was made that way.
+    parts = load_components(ModelSource.from_path(str(stage2)), resolve_precision("fp32", "cpu"), "cpu")
+    unet, vae, text_encoder = parts.unet, parts.vae, parts.text_encoder
+    if refine_steps:
+        from .toy_refine import refine, refine_config
+
+        unet, vae, text_encoder = refine(out, unet, vae, text_encoder, tokenizer, scheduler_config(),
+                                         refine_config(steps=refine_steps), progress=progress)
+        facts["refine"] = json.loads((out / "refine" / "recipe.json").read_text())
     # Stored in fp16 to halve what the repository carries (~3.7 MB); the loader casts to the chosen precision.
-    folder, single = save_model(out, unet, vae, text_encoder, tokenizer, scheduler_config,
+    folder, single = save_model(out, unet, vae, text_encoder, tokenizer, scheduler_config(),
                                 single_file_name=TOY_MODEL_NAME, dtype=torch.float16)
-    (out / "recipe.json").write_text(json.dumps({
-        "vae_steps": vae_steps, "triplets": n_triplets, "train": {k: v for k, v in vars(config).items()},
-        "steps_done": trainer.state.step, "final_loss": float(np.mean(trainer.state.losses[-200:])),
-    }, indent=2))
+    (out / "recipe.json").write_text(json.dumps(facts, indent=2))
     if install:
         toy_model_path().parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(single, toy_model_path())

@@ -87,3 +87,21 @@ def test_a_64_pixel_world_has_the_same_scene_at_twice_the_size():
     assert small.instruction == big.instruction and big.input.shape == (64, 64, 3)
     down = big.input.reshape(32, 2, 32, 2, 3).mean(axis=(1, 3))
     assert np.abs(down - small.input).mean() < 0.02
+
+
+def test_an_instruction_read_back_gives_exactly_the_edit_it_was_drawn_with():
+    """`instructed` (how the examples the pack shows are rule-checked) agrees with the world's own edits."""
+    for i in range(60):
+        t = synthetic.triplet(i, seed=3)
+        again = synthetic.instructed(t.before, t.instruction)
+        assert (again.kind, again.target, again.after) == (t.kind, t.target, t.after), t.instruction
+        assert np.array_equal(again.edited, t.edited)
+
+
+@pytest.mark.parametrize("instruction", ["make it winter", "remove the star", "add a red circle",
+                                         "turn the circle into a circle", "make the circle orange"])
+def test_an_instruction_the_scene_cannot_take_is_refused(instruction):
+    from ip2p_nodes.pipeline_core.training.toy import sample_scene  # a blue circle and a yellow triangle
+
+    with pytest.raises(ValueError, match="scene|templates"):
+        synthetic.instructed(sample_scene(), instruction)

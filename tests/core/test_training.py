@@ -12,6 +12,7 @@ from ip2p_nodes.pipeline_core import ModelCache, ModelSource
 from ip2p_nodes.pipeline_core.errors import InputError
 from ip2p_nodes.pipeline_core.training.lora import DIFFUSERS_LORA_NAME, KOHYA_LORA_NAME, remove_lora, save_lora
 from ip2p_nodes.pipeline_core.training.trainer import (
+    CHECKPOINT_NAME,
     TrainConfig,
     Trainer,
     encode_dataset,
@@ -235,7 +236,6 @@ def test_triplets_are_read_from_a_folder_a_manifest_and_the_synthetic_world(tmp_
 
 def test_fine_tuning_from_the_command_line_resumes_and_writes_a_model_the_loader_reads(tmp_path, tiny_folder, caplog):
     from ip2p_nodes.pipeline_core.training.cli import main
-    from ip2p_nodes.pipeline_core.training.trainer import CHECKPOINT_NAME
 
     args = ["train", "--model", str(tiny_folder), "--data", "synthetic:8", "--out", str(tmp_path / "run"),
             "--batch-size", "4", "--lora-rank", "2", "--precision", "no", "--checkpoint-every", "1"]
@@ -262,6 +262,7 @@ def test_the_toy_command_trains_with_exactly_the_shipped_recipe():
     args = build_parser().parse_args(["toy", "--out", "x"])
     assert parse_config(args) == toy.recipe_config()
     assert args.vae_steps == toy.RECIPE["vae_steps"] and args.triplets == toy.RECIPE["triplets"]
+    assert args.refine_steps == toy.RECIPE["refine_steps"]
     assert parse_config(build_parser().parse_args(["toy", "--out", "x", "--steps", "5"])).steps == 5
 
 
@@ -297,3 +298,37 @@ def test_the_trainers_lora_files_on_ip2p_load_lora_edit_like_the_merged_model(tm
         diff = (with_lora - merged).abs().max().item()
         print(f"{path.name} on IP2P Load LoRA vs the merged model: {diff:.2e}")
         assert (with_lora - base).abs().max().item() > 1e-2 and diff < 1e-4
+
+
+def test_the_toy_recipes_third_stage_sharpens_only_the_decoder_and_continues_where_it_stopped(tmp_path):
+    """Stage 3 keeps every latent the UNet learnt on (encoder frozen), trains the decoder and the UNet further,
+    favours the edit kinds it is told to, and a second run finds its work done instead of redoing it."""
+    import copy
+
+    from ip2p_nodes.pipeline_core.training import toy
+    from ip2p_nodes.pipeline_core.training.toy_refine import refine, refine_config, refine_records
+
+    records = refine_records(400, seed=7)
+    removes = sum(r.instruction.startswith("remove") for r in records) / len(records)
+    assert 0.24 < removes < 0.36  # drawn 30% of the time, against 20% in stage 2
+
+    torch.manual_seed(0)
+    vae, tokenizer = toy.make_vae(), toy.write_tokenizer(tmp_path / "tok")
+    unet, text_encoder = toy.make_unet(), toy.make_text_encoder(tokenizer)
+    before = copy.deepcopy(vae)
+    config = refine_config(steps=2, checkpoint_every=1)
+    scheduler = tiny_models.SCHEDULER_CONFIG
+    unet2, vae2, te2 = refine(tmp_path, copy.deepcopy(unet), vae, text_encoder, tokenizer, scheduler, config,
+                              n_triplets=8, decoder_steps=2, progress=False)
+    for (name, old), new in zip(before.state_dict().items(), vae2.state_dict().values()):
+        if name.startswith(("encoder.", "quant_conv.")):
+            assert torch.equal(old, new), name
+    assert any(not torch.equal(a, b) for a, b in zip(before.decoder.parameters(), vae2.decoder.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(unet.parameters(), unet2.parameters()))
+    state = torch.load(str(tmp_path / "refine" / "checkpoints" / CHECKPOINT_NAME), weights_only=True)
+    assert state["step"] == 2
+
+    again = refine(tmp_path, copy.deepcopy(unet), copy.deepcopy(before), toy.make_text_encoder(tokenizer),
+                   tokenizer, scheduler, config, n_triplets=8, decoder_steps=2, progress=False)
+    for a, b in zip((unet2, vae2, te2), again):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
