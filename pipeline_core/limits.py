@@ -39,6 +39,11 @@ PLAN_ITEMS = 256
 CONTROL_STRENGTH = Range(0.0, 2.0, 1.0, 0.01)
 CONTROL_START = Range(0.0, 1.0, 0.0, 0.01)
 CONTROL_END = Range(0.0, 1.0, 1.0, 0.01)
+# Speed: "quality" runs the whole UNet on every step; "fast" reuses its deep features across steps (DeepCache,
+# see pipeline_core/editing/step_cache.py): one full step of every FAST_INTERVAL, the others cached. Interval 1 is
+# quality; above about 5 the kept features are too stale to be worth the time saved.
+SPEEDS = ("quality", "fast")
+FAST_INTERVAL = Range(1, 10, 3)
 
 # Working resolution: the side of the square whose area the model edits at (0 = the model's own).
 WORKING_RESOLUTION = Range(64, 4096, 0, 64)
