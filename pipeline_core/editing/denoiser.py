@@ -29,15 +29,16 @@ class Denoiser:
     (see :mod:`.control`); each runs on every pass of the steps it steers.
     ``fast_interval``: fast mode (see :mod:`.step_cache`), the whole UNet on one call of every ``fast_interval``
     and its shallow branch on cached deep features in between; None runs the whole UNet on every call.
+    ``steps``: the number of calls the sampler will make, so fast mode runs the last one whole.
     """
 
     def __init__(self, model: CachedModel, cond: Conditioning, image_latents: torch.Tensor, s_t: float, s_i: float,
                  time_ids: torch.Tensor | None = None, controls: Sequence[BatchControl] = (),
-                 fast_interval: int | None = None):
+                 fast_interval: int | None = None, steps: int | None = None):
         c = model.components
         self.unet = c.unet
         # A new cache per Denoiser, i.e. per batch: kept features never cross batches or edits.
-        self.step_cache = None if fast_interval is None else StepCache(c.unet, fast_interval)
+        self.step_cache = None if fast_interval is None else StepCache(c.unet, fast_interval, steps)
         self.run_unet = self.unet if self.step_cache is None else self.step_cache
         self.dtype = c.precision.unet
         self.s_t, self.s_i = s_t, s_i

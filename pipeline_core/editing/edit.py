@@ -158,7 +158,8 @@ def sample_batch(model: CachedModel, cond: Conditioning, batch: Batch, jobs: lis
             ids.append(family.time_ids(c, (bottom - top, right - left), regions[b].size.content))
         time_ids = torch.cat(ids)
     denoiser = Denoiser(model, cond, latents, batch.text_guidance, batch.image_guidance, time_ids,
-                        batch_controls(model, cond, pictures, regions), fast_interval=settings.cache_interval)
+                        batch_controls(model, cond, pictures, regions), fast_interval=settings.cache_interval,
+                        steps=strength_steps(settings.steps, settings.denoise))
     lmask = None
     batch_regions = [regions[b] for b in pictures]
     if any(r.latent_mask is not None for r in batch_regions):

@@ -8,8 +8,11 @@ connections) is kept; on the *cached* steps after it only the shallowest branch 
 ``down_blocks[0]`` for fresh skip connections, then ``up_blocks[-1]`` on the kept deep features and the output
 head — which is a small part of an SD1.5 UNet's work.
 
-The schedule is DeepCache's uniform one: of every ``interval`` UNet calls the first is full, the others cached,
-and the very first call is always full. Interval 1 makes every call full, which is exactly the plain UNet.
+The schedule is DeepCache's uniform one — of every ``interval`` UNet calls the first is full, the others cached,
+the very first call always full — plus a full last call: the last step draws the fine detail the picture keeps,
+and on the toy model's held-out set a cached last step cost 4-7 points of success at interval 3 and 3-10 at
+interval 2 (text guidance 3 / 7.5) that one more full call buys back. Interval 1 makes every call full, which is
+exactly the plain UNet.
 
 One :class:`StepCache` serves one batch of one edit (the :class:`~.denoiser.Denoiser` builds it): the kept
 features belong to that batch's latents and are never shared between batches or calls.
@@ -62,17 +65,20 @@ class StepCache:
     ``full_calls`` / ``cached_calls`` count what ran, for the log and the tests.
     """
 
-    def __init__(self, unet: nn.Module, interval: int):
+    def __init__(self, unet: nn.Module, interval: int, calls: int | None = None):
+        """``calls``: how many calls the sampler will make (its steps), so that the last one is full; None: not
+        known, the uniform schedule alone."""
         check_cacheable(unet)
         self.unet = unet
         self.interval = int(interval)
+        self.last = None if calls is None else int(calls) - 1
         self.deep: torch.Tensor | None = None
         self.calls = 0
         self.full_calls = 0
         self.cached_calls = 0
 
     def next_is_full(self) -> bool:
-        return self.deep is None or self.calls % self.interval == 0
+        return self.deep is None or self.calls % self.interval == 0 or self.calls == self.last
 
     def __call__(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, return_dict: bool = False,
                  added_cond_kwargs: dict | None = None, down_block_additional_residuals=None,

@@ -51,7 +51,7 @@ def test_fast_runs_the_deep_blocks_only_on_full_steps_and_changes_the_picture_a_
     finally:
         handle.remove()
     assert quality_calls == STEPS
-    assert len(calls) == 2  # steps 1 and 4 of 6 are full
+    assert len(calls) == 3  # steps 1, 4 and the last, 6, of 6 are full
     assert fast.images.shape == quality.images.shape == (1, 40, 56, 3)
     assert not torch.equal(fast.images, quality.images)
 
@@ -73,7 +73,7 @@ def test_each_batch_starts_with_a_full_step_and_its_own_cache(fp32_model):
         both = edit(fp32_model, cond, img, SeedPlan.single(3), steps=STEPS, max_batch=1, speed="fast")
     finally:
         handle.remove()
-    assert len(calls) == 2 * 2
+    assert len(calls) == 2 * 3  # steps 1, 4 and 6 of each batch
     second_alone = edit(fp32_model, cond, img[1:], SeedPlan.single(3), steps=STEPS, speed="fast")
     assert torch.equal(both.images[1], second_alone.images[0])
 
@@ -155,3 +155,61 @@ def test_fast_mode_with_a_lora_applies_the_lora(tiny_folder, tmp_path):
     lora_fast = _edit(with_lora, encode_instruction(with_lora, "turn it blue"), speed="fast")
     assert lora_fast.images.shape == base_fast.images.shape
     assert (lora_fast.images - base_fast.images).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------- CLI and batch
+
+
+def test_cli_fast_gives_the_api_fast_picture_and_help_explains_it(tmp_path, tiny_folder, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from ip2p_nodes.pipeline_core import cli
+
+    photo = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(photo)
+    args = ["edit", str(photo), "make it winter", "--model", str(tiny_folder), "--steps", str(STEPS),
+            "--precision", "fp32", "--seed", "7", "--scheduler", "euler_ancestral"]
+    assert cli.main([*args, "-o", str(tmp_path / "fast.png"), "--fast", "--fast-interval", "2"]) == 0
+    assert cli.main([*args, "-o", str(tmp_path / "quality.png")]) == 0
+    fast, quality = (np.asarray(Image.open(tmp_path / n)) for n in ("fast.png", "quality.png"))
+    assert fast.shape == quality.shape == (40, 56, 3) and not np.array_equal(fast, quality)
+
+    model = ModelCache().get(ModelCache().key_for(ModelSource("diffusers", str(tiny_folder)), "fp32", "cpu"))
+    from ip2p_nodes.pipeline_core.editing.images import load_image
+
+    api = edit(model, encode_instruction(model, "make it winter"), load_image(str(photo)), SeedPlan.single(7),
+               steps=STEPS, scheduler="euler_ancestral", speed="fast", fast_interval=2)
+    assert np.abs(np.round(api.images[0].numpy() * 255) - fast.astype(np.float64)).max() <= 1
+
+    for command in ("edit", "batch"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--fast " in text and "--fast-interval" in text and "DeepCache" in text, command
+
+
+def test_cli_refuses_a_bad_fast_interval_before_loading(tmp_path, no_model_load, caplog):
+    from ip2p_nodes.pipeline_core import cli
+
+    rc = cli.main(["edit", str(tmp_path / "in.png"), "x", "-o", str(tmp_path / "o.png"), "--model", "toy", "--fast",
+                   "--fast-interval", "11"])
+    assert rc == 2
+    assert "fast interval must be between 1 and 10, got 11" in caplog.text
+
+
+def test_batch_keys_of_quality_rows_are_unchanged_and_fast_rows_get_their_own():
+    """A store written before fast mode existed keeps its rows (same keys); fast rows are never taken for them."""
+    from dataclasses import asdict
+
+    from ip2p_nodes.pipeline_core.batch.keys import settings_fingerprint
+    from ip2p_nodes.pipeline_core.editing.settings import EditSettings
+
+    quality = EditSettings().checked()
+    before = {k: v for k, v in asdict(quality).items()
+              if k not in ("text_guidance", "image_guidance", "max_batch", "speed", "fast_interval")}
+    assert settings_fingerprint(quality, "", "fp32", "cpu") == {**before, "negative": "", "precision": "fp32",
+                                                                 "device": "cpu"}
+    fast = settings_fingerprint(EditSettings(speed="fast").checked(), "", "fp32", "cpu")
+    assert fast["speed"] == "fast" and fast["fast_interval"] == 3
+    assert settings_fingerprint(EditSettings(speed="fast", fast_interval=4).checked(), "", "fp32", "cpu") != fast
