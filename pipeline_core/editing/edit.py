@@ -274,9 +274,9 @@ def edit(
     hints follow each picture's region (see :mod:`.control` for the conventions).
 
     ``speed``: ``"quality"`` (default) runs the whole UNet on every step; ``"fast"`` is a step cache in the style of
-    DeepCache (:mod:`.step_cache`): the whole UNet runs on one step of every ``fast_interval`` (1..10, default 3)
-    and only its shallowest blocks on the others, reusing the deep features of the last full step — fewer
-    seconds per edit for a slightly different picture. Each batch has its own cache. Interval 1 is quality.
+    DeepCache (:mod:`.step_cache`): the whole UNet runs on one step of every ``fast_interval`` (1..10, default 2)
+    and on the last, only its shallowest blocks on the others, reusing the deep features of the last full step —
+    fewer seconds per edit for a slightly different picture. Each batch has its own cache. Interval 1 is quality.
 
     ``check_cancel``: called before every step and before each block of every UNet and VAE call (see
     :mod:`.cancel`); raising there stops the edit within a fraction of a UNet call, and the model stays as it

@@ -99,7 +99,7 @@ class EditSettings:
             crop_padding=padding,
             speed=check_speed(self.speed),
             fast_interval=check_int(self.fast_interval, "fast interval", limits.FAST_INTERVAL,
-                                    " (3 is the usual; 1 runs the whole UNet every step, as quality does)"),
+                                    " (2 is the default; 1 runs the whole UNet every step, as quality does)"),
         )
 
     def guidance_for(self, item: PlanItem) -> tuple[float, float]:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import limits
 from . import synthetic
 from .synthetic import BACKGROUNDS, COLOURS, EDIT_KINDS, Shape, Triplet
 
@@ -172,7 +173,7 @@ def rule_check(t: Triplet, out: np.ndarray) -> tuple[bool, str]:
 
 def run_edits(model, triplets: Sequence[Triplet], text_guidance: float, image_guidance: float, steps: int = 20,
               seed: int = 0, scheduler: str = "euler_ancestral", speed: str = "quality",
-              fast_interval: int = 3) -> list[np.ndarray]:
+              fast_interval: int = int(limits.FAST_INTERVAL.default)) -> list[np.ndarray]:
     """Edit every triplet's input with its instruction through the real path; outputs in triplet order.
 
     ``speed`` / ``fast_interval``: as :func:`..editing.edit.edit` (fast mode's step cache)."""
@@ -261,7 +262,7 @@ def _row(label: str, s: Scores) -> str:
 
 def report(model, per_kind: int = 20, steps: int = 20, seed: int = 0, table: bool = True,
            table_per_kind: int = 8, settings=((7.5, 1.5), (3.0, 1.5)), speed: str = "quality",
-           fast_interval: int = 3) -> str:
+           fast_interval: int = int(limits.FAST_INTERVAL.default)) -> str:
     """The printed evaluation: baselines, the paper's default setting (and others), and the guidance grid.
 
     ``speed="fast"``: every model edit in fast mode (the step cache, one full step of every ``fast_interval``)."""
@@ -306,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--fast", action="store_true",
                         help="edit in fast mode (the DeepCache-style step cache), to measure what it costs")
-    parser.add_argument("--fast-interval", type=int, default=3,
-                        help="with --fast: one full UNet step of every this many (default 3)")
+    parser.add_argument("--fast-interval", type=int, default=int(limits.FAST_INTERVAL.default),
+                        help="with --fast: one full UNet step of every this many (default: the pack's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:

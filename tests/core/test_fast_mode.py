@@ -70,11 +70,12 @@ def test_each_batch_starts_with_a_full_step_and_its_own_cache(fp32_model):
     img = _img(b=2)
     calls, handle = _count_mid_calls(fp32_model)
     try:
-        both = edit(fp32_model, cond, img, SeedPlan.single(3), steps=STEPS, max_batch=1, speed="fast")
+        both = edit(fp32_model, cond, img, SeedPlan.single(3), steps=STEPS, max_batch=1, speed="fast",
+                    fast_interval=3)
     finally:
         handle.remove()
     assert len(calls) == 2 * 3  # steps 1, 4 and 6 of each batch
-    second_alone = edit(fp32_model, cond, img[1:], SeedPlan.single(3), steps=STEPS, speed="fast")
+    second_alone = edit(fp32_model, cond, img[1:], SeedPlan.single(3), steps=STEPS, speed="fast", fast_interval=3)
     assert torch.equal(both.images[1], second_alone.images[0])
 
 
@@ -211,5 +212,5 @@ def test_batch_keys_of_quality_rows_are_unchanged_and_fast_rows_get_their_own():
     assert settings_fingerprint(quality, "", "fp32", "cpu") == {**before, "negative": "", "precision": "fp32",
                                                                  "device": "cpu"}
     fast = settings_fingerprint(EditSettings(speed="fast").checked(), "", "fp32", "cpu")
-    assert fast["speed"] == "fast" and fast["fast_interval"] == 3
+    assert fast["speed"] == "fast" and fast["fast_interval"] == 2
     assert settings_fingerprint(EditSettings(speed="fast", fast_interval=4).checked(), "", "fp32", "cpu") != fast
