@@ -27,14 +27,10 @@ connections are added to them; the middle block's and the deeper ones only act t
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
 from ..errors import InputError
-
-log = logging.getLogger(__name__)
 
 
 def check_cacheable(unet: nn.Module) -> None:
@@ -62,7 +58,8 @@ def check_cacheable(unet: nn.Module) -> None:
 class StepCache:
     """The UNet of one batch, called like ``unet(sample, t, encoder_hidden_states=..., return_dict=False, ...)``.
 
-    ``full_calls`` / ``cached_calls`` count what ran, for the log and the tests.
+    Always returns the tuple that ``return_dict=False`` gives (the only form the denoiser asks for).
+    ``full_calls`` / ``cached_calls`` count what ran.
     """
 
     def __init__(self, unet: nn.Module, interval: int, calls: int | None = None):
