@@ -180,7 +180,7 @@ class IP2PSampler(io.ComfyNode):
                     tooltip=(
                         "quality: the whole model on every step. fast: the whole model on one step in "
                         f"{int(limits.FAST_INTERVAL.default)} and on the last, only its outer layers on the others, "
-                        "reusing the deep features of the last full step (DeepCache): about 0.8x the time of an "
+                        "reusing the deep features of the last full step (DeepCache): about 0.75x the time of an "
                         "SD1.5 edit on a CPU, for a slightly different picture (the same seed no longer gives the "
                         "quality picture). Good for drafts and sweeps; use quality for the final edit."
                     ),

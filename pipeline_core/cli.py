@@ -127,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fast", action="store_true",
                    help="fast mode: the whole UNet on one step in --fast-interval and on the last, only its outer "
                         "layers on the others, reusing the deep features of the last full step (DeepCache); about "
-                        "0.8x the time of an SD1.5 edit on a CPU, for a slightly different picture: for drafts and "
-                        "sweeps")
+                        "0.75x the time of a 20-step SD1.5 edit on a CPU, for a slightly different picture: for drafts "
+                        "and sweeps")
     e.add_argument("--fast-interval", type=_whole_number, default=int(limits.FAST_INTERVAL.default),
                    help=f"with --fast: one full UNet step of every this many, {_ranged(limits.FAST_INTERVAL)}; "
                         "higher is faster and further from the quality edit, 1 is the quality edit")
