@@ -6,7 +6,11 @@
 depend on the weights' values, and nothing is downloaded. ``tiny`` is the test model (seconds, for a smoke run).
 Prints seconds per edit, seconds per step, ratios against the anchor, and the UNet floor (how much of a step
 is spent outside the UNet); then (``--sections memory``, full model) the peak memory of fresh processes doing
-load + one edit, ours against diffusers' (benchmarks/peak_memory.py). ``--json PATH`` writes every figure.
+load + one edit, ours against diffusers' (benchmarks/peak_memory.py). ``--sections fast``: our fp32 edit in
+fast mode (the step cache, ``--fast-interval``) against the same edit in quality mode, with the UNet's
+middle-block calls counted. ``--json PATH`` writes every figure.
+
+    python benchmarks/speed.py --model full --resolution 256 --steps 20 --sections fast
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from pathlib import Path
 import peak_memory  # beside this file: run as a script, its folder is on sys.path
 import torch
 
-from ip2p_nodes.pipeline_core import ModelCache, ModelSource, SeedPlan, edit, encode_instruction
+from ip2p_nodes.pipeline_core import ModelCache, ModelSource, SeedPlan, edit, encode_instruction, limits
+from ip2p_nodes.pipeline_core.editing.step_cache import StepCache
 from ip2p_nodes.pipeline_core.models.components import IP2PComponents
 from ip2p_nodes.pipeline_core.models.families import get as get_family
 from ip2p_nodes.pipeline_core.models.loading import CONFIG_DIR
@@ -69,8 +74,11 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--sections", nargs="+", choices=("speed", "memory"), default=["speed", "memory"],
-                   help="memory: peak RSS of fresh processes, full-size model only (see peak_memory.py)")
+    p.add_argument("--sections", nargs="+", choices=("speed", "memory", "fast"), default=["speed", "memory", "fast"],
+                   help="memory: peak RSS of fresh processes, full-size model only (see peak_memory.py); fast: "
+                        "fast mode against quality")
+    p.add_argument("--fast-interval", type=int, default=int(limits.FAST_INTERVAL.default),
+                   help="fast section: one full UNet step of every this many")
     p.add_argument("--json", type=Path, help="also write the figures here")
     peak_memory.add_arguments(p)
     args = p.parse_args()
@@ -79,6 +87,8 @@ def main() -> None:
     figures = {}
     if "speed" in args.sections:
         figures["speed"] = speed_section(args)
+    if "fast" in args.sections:
+        figures["fast"] = fast_section(args)
     if "memory" in args.sections and args.model == "full":
         # Each case is a fresh process, so what the speed section left in this one does not count.
         figures["memory"] = peak_memory.run_section(args, args.resolution, args.steps)
@@ -158,6 +168,62 @@ def speed_section(args) -> dict:
     return {"model": args.model, "resolution": args.resolution, "steps": args.steps,
             "threads": torch.get_num_threads(), "anchor_seconds": anchor,
             "rows": [{"what": name.strip(), "seconds": secs, "vs_anchor": anchor / secs} for name, secs in rows]}
+
+
+def fast_section(args) -> dict:
+    """Seconds per fp32 edit in quality and in fast mode, same model, picture and seed; prints the rows."""
+    with tempfile.TemporaryDirectory() as tmp:
+        unet, vae, te, tok, sched = build_modules(args.model, Path(tmp))
+
+        def loader(source, prec, device, place):
+            return get_family("sd15").assemble({"unet": unet, "vae": vae, "text_encoder": te, "tokenizer": tok}, sched,
+                                               prec, torch.device(device), source)
+
+        cache = ModelCache(loader=loader)
+        model = cache.get(cache.key_for(ModelSource("diffusers", f"in-memory-{args.model}"), "fp32", "cpu"))
+        cond = encode_instruction(model, "make it winter")
+        img = torch.rand(1, args.resolution, args.resolution, 3, generator=torch.Generator().manual_seed(0))
+        deep_calls = []
+        hook = model.components.unet.mid_block.register_forward_pre_hook(lambda *_: deep_calls.append(1))
+        runs = {speed: functools.partial(edit, model, cond, img, SeedPlan.single(0), steps=args.steps,
+                                         text_guidance=7.5, image_guidance=1.5, speed=speed,
+                                         fast_interval=args.fast_interval)
+                for speed in ("quality", "fast")}
+        rows = {}
+        for speed, run in runs.items():
+            deep_calls.clear()
+            run()  # untimed: oneDNN builds its kernels on the first call of a shape
+            rows[speed] = {"seconds": float("inf"), "deep_block_calls": len(deep_calls)}
+        hook.remove()
+        # Alternated, best of each: on a shared machine the load drifts, and it must not favour one mode.
+        for _ in range(args.repeats):
+            for speed, run in runs.items():
+                t0 = time.perf_counter()
+                run()
+                rows[speed]["seconds"] = min(rows[speed]["seconds"], time.perf_counter() - t0)
+        # One UNet call of each kind on the batch of 3 guidance passes: what a cached step costs against a full one.
+        c = model.components
+        lat = args.resolution // 8
+        inp = torch.randn(3, 8, lat, lat)
+        emb = torch.randn(3, 77, c.text_encoder.config.hidden_size)
+        step_cache = StepCache(c.unet, interval=1 << 30)
+        full_call = timed(lambda: c.unet(inp, 500, encoder_hidden_states=emb), args.repeats)
+        step_cache(inp, 500, encoder_hidden_states=emb)  # keeps the deep features for the cached calls
+        cached_call = timed(lambda: step_cache(inp, 500, encoder_hidden_states=emb), args.repeats)
+        rows["unet_call"] = {"full_seconds": full_call, "cached_seconds": cached_call,
+                             "cached_over_full": cached_call / full_call}
+    ratio = rows["fast"]["seconds"] / rows["quality"]["seconds"]
+    print(f"\nfast mode: model={args.model} resolution={args.resolution} steps={args.steps} fp32 "
+          f"threads={torch.get_num_threads()} interval={args.fast_interval}")
+    for speed in ("quality", "fast"):
+        row = rows[speed]
+        print(f"  {speed:8s} {row['seconds']:9.3f} s  {row['seconds'] / args.steps:8.3f} s/step  "
+              f"middle block run {row['deep_block_calls']}x")
+    print(f"  fast / quality time: {ratio:.3f} ({1 / ratio:.2f}x faster); one UNet call on 3 passes: full "
+          f"{full_call:.3f} s, cached {cached_call:.3f} s ({cached_call / full_call:.3f})")
+    return {"model": args.model, "resolution": args.resolution, "steps": args.steps, "precision": "fp32",
+            "threads": torch.get_num_threads(), "interval": args.fast_interval, **rows, "fast_over_quality": ratio}
+
 
 if __name__ == "__main__":
     main()

@@ -39,6 +39,13 @@ PLAN_ITEMS = 256
 CONTROL_STRENGTH = Range(0.0, 2.0, 1.0, 0.01)
 CONTROL_START = Range(0.0, 1.0, 0.0, 0.01)
 CONTROL_END = Range(0.0, 1.0, 1.0, 0.01)
+# Speed: "quality" runs the whole UNet on every step; "fast" reuses its deep features across steps (DeepCache,
+# see pipeline_core/editing/step_cache.py): one full step of every FAST_INTERVAL (and the last), the others
+# cached. Interval 1 is quality. The default is the largest the toy model's held-out success allows within 3
+# points of quality (300 triplets: interval 2 -2 / 0 points at text guidance 7.5 / 3, interval 3 -26 / -4); a full
+# SD1.5 UNet keeps far more of its work outside the cached path and may take more (DeepCache runs it at 3-5).
+SPEEDS = ("quality", "fast")
+FAST_INTERVAL = Range(1, 10, 2)
 
 # Working resolution: the side of the square whose area the model edits at (0 = the model's own).
 WORKING_RESOLUTION = Range(64, 4096, 0, 64)

@@ -19,7 +19,7 @@ from .filtering import PAPER_MIN_DIRECTION, PAPER_MIN_IMAGE
 # seeds) and --mask (a mask belongs to one picture: manifest rows name theirs).
 SHARED_OPTIONS = (
     "model", "negative", "text_guidance", "image_guidance", "steps", "seed", "scheduler", "precision", "device",
-    "feather", "crop_to_mask", "denoise", "working_resolution", "lora", "tokenizer_dir",
+    "feather", "crop_to_mask", "denoise", "working_resolution", "lora", "tokenizer_dir", "fast", "fast_interval",
 )
 ENGINES = ("local", "ray")
 

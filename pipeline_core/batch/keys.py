@@ -110,6 +110,10 @@ def settings_fingerprint(settings: EditSettings, negative: str, precision: str, 
     # item (each has its own generator, and a batch job edits one row per call anyway).
     for name in ("text_guidance", "image_guidance", "max_batch"):
         fields.pop(name)
+    if settings.speed == "quality":
+        # Quality is what every store written before fast mode existed holds: its rows keep their keys.
+        fields.pop("speed")
+        fields.pop("fast_interval")
     return {**fields, "negative": negative, "precision": precision, "device": device.split(":")[0]}
 
 

@@ -109,7 +109,8 @@ def _edit(model, spec: JobSpec, task: Task) -> Outcome:
     cond = encode_instruction(model, task.instruction, spec.negative)
     result = edit(model, cond, image, SeedPlan((PlanItem(task.seed),)), steps=s.steps, text_guidance=text_guidance,
                   image_guidance=image_guidance, scheduler=s.scheduler, max_batch=1, mask=mask, feather=s.feather,
-                  crop_to_mask=s.crop_to_mask, denoise=s.denoise, working_resolution=s.working_resolution)
+                  crop_to_mask=s.crop_to_mask, denoise=s.denoise, working_resolution=s.working_resolution,
+                  speed=s.speed, fast_interval=s.fast_interval)
     return Outcome(task.number, task.key, png_bytes(result.images[0]), text_guidance, image_guidance)
 
 

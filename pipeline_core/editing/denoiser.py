@@ -16,6 +16,7 @@ from ..models.cache import CachedModel
 from . import guidance
 from .conditioning import Conditioning
 from .control import BatchControl, sum_residuals
+from .step_cache import StepCache
 
 
 class Denoiser:
@@ -26,12 +27,19 @@ class Denoiser:
     None. The passes are batched in the paper's order (text, image, uncond), only those the scales need.
     ``controls``: the conditioning's active ControlNets with their hints at this batch's working frame
     (see :mod:`.control`); each runs on every pass of the steps it steers.
+    ``fast_interval``: fast mode (see :mod:`.step_cache`), the whole UNet on one call of every ``fast_interval``
+    and its shallow branch on cached deep features in between; None runs the whole UNet on every call.
+    ``steps``: the number of calls the sampler will make, so fast mode runs the last one whole.
     """
 
     def __init__(self, model: CachedModel, cond: Conditioning, image_latents: torch.Tensor, s_t: float, s_i: float,
-                 time_ids: torch.Tensor | None = None, controls: Sequence[BatchControl] = ()):
+                 time_ids: torch.Tensor | None = None, controls: Sequence[BatchControl] = (),
+                 fast_interval: int | None = None, steps: int | None = None):
         c = model.components
         self.unet = c.unet
+        # A new cache per Denoiser, i.e. per batch: kept features never cross batches or edits.
+        self.step_cache = None if fast_interval is None else StepCache(c.unet, fast_interval, steps)
+        self.run_unet = self.unet if self.step_cache is None else self.step_cache
         self.dtype = c.precision.unet
         self.s_t, self.s_i = s_t, s_i
         self.passes = guidance.required_passes(s_t, s_i)
@@ -83,7 +91,7 @@ class Denoiser:
             ])
             kwargs["down_block_additional_residuals"] = down
             kwargs["mid_block_additional_residual"] = mid
-        out = self.unet(unet_in, t, encoder_hidden_states=self.encoder_states, return_dict=False, **kwargs)[0]
+        out = self.run_unet(unet_in, t, encoder_hidden_states=self.encoder_states, return_dict=False, **kwargs)[0]
         predictions = dict(zip(self.passes, out.float().chunk(len(self.passes))))
         # Guidance is linear in the prediction, so it is the same for eps, v and x0 predictions.
         return guidance.combine(predictions, self.s_t, self.s_i)

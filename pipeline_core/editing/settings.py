@@ -29,6 +29,15 @@ def check_strength(strength: float) -> float:
     return float(strength)
 
 
+def check_speed(speed) -> str:
+    if not isinstance(speed, str) or speed not in limits.SPEEDS:
+        raise InputError(
+            f"speed must be one of {', '.join(limits.SPEEDS)}, got {speed!r}: quality runs the whole model on every "
+            "step; fast reuses its deep features across steps for a faster, slightly different edit"
+        )
+    return speed
+
+
 def _optional_size(value, name: str, low: int, high: int) -> int | None:
     if value in (None, 0):
         return None
@@ -56,6 +65,13 @@ class EditSettings:
     restore_detail: bool = True
     crop_to_mask: bool = False
     crop_padding: int | None = None  # None: automatic
+    speed: str = "quality"  # a name of limits.SPEEDS
+    fast_interval: int = int(limits.FAST_INTERVAL.default)  # fast mode: one full UNet step of every this many
+
+    @property
+    def cache_interval(self) -> int | None:
+        """The step cache's interval in fast mode, None in quality mode (the whole UNet every step)."""
+        return self.fast_interval if self.speed == "fast" else None
 
     def checked(self) -> "EditSettings":
         if self.scheduler is not None and not isinstance(self.scheduler, str):
@@ -81,6 +97,9 @@ class EditSettings:
             restore_detail=bool(self.restore_detail),
             crop_to_mask=bool(self.crop_to_mask),
             crop_padding=padding,
+            speed=check_speed(self.speed),
+            fast_interval=check_int(self.fast_interval, "fast interval", limits.FAST_INTERVAL,
+                                    " (2 is the default; 1 runs the whole UNet every step, as quality does)"),
         )
 
     def guidance_for(self, item: PlanItem) -> tuple[float, float]:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import limits
 from . import synthetic
 from .synthetic import BACKGROUNDS, COLOURS, EDIT_KINDS, Shape, Triplet
 
@@ -171,8 +172,11 @@ def rule_check(t: Triplet, out: np.ndarray) -> tuple[bool, str]:
 # ----------------------------------------------------------------------------------------------- running edits
 
 def run_edits(model, triplets: Sequence[Triplet], text_guidance: float, image_guidance: float, steps: int = 20,
-              seed: int = 0, scheduler: str = "euler_ancestral") -> list[np.ndarray]:
-    """Edit every triplet's input with its instruction through the real path; outputs in triplet order."""
+              seed: int = 0, scheduler: str = "euler_ancestral", speed: str = "quality",
+              fast_interval: int = int(limits.FAST_INTERVAL.default)) -> list[np.ndarray]:
+    """Edit every triplet's input with its instruction through the real path; outputs in triplet order.
+
+    ``speed`` / ``fast_interval``: as :func:`..editing.edit.edit` (fast mode's step cache)."""
     from ..editing.conditioning import encode_instruction
     from ..editing.edit import edit
 
@@ -184,7 +188,8 @@ def run_edits(model, triplets: Sequence[Triplet], text_guidance: float, image_gu
         cond = encode_instruction(model, text)
         images = torch.from_numpy(np.stack([triplets[i].input for i in idx]))
         result = edit(model, cond, images, [_item(seed)], steps=steps, text_guidance=text_guidance,
-                      image_guidance=image_guidance, scheduler=scheduler, max_batch=len(idx))
+                      image_guidance=image_guidance, scheduler=scheduler, max_batch=len(idx), speed=speed,
+                      fast_interval=fast_interval)
         for i, img in zip(idx, result.images):
             outputs[i] = img.numpy()
     return outputs  # type: ignore[return-value]
@@ -223,13 +228,15 @@ def score(triplets: Sequence[Triplet], outputs: Sequence[np.ndarray]) -> Scores:
 
 
 def evaluate(model, triplets: Sequence[Triplet], text_guidance: float = 7.5, image_guidance: float = 1.5,
-             steps: int = 20, seed: int = 0) -> Scores:
-    return score(triplets, run_edits(model, triplets, text_guidance, image_guidance, steps, seed))
+             steps: int = 20, seed: int = 0, **speed) -> Scores:
+    """Scores of the edits; ``speed``: ``speed=`` / ``fast_interval=`` of :func:`run_edits`."""
+    return score(triplets, run_edits(model, triplets, text_guidance, image_guidance, steps, seed, **speed))
 
 
 def guidance_table(model, triplets: Sequence[Triplet], text_scales=(1.0, 3.0, 7.5), image_scales=(1.0, 1.5, 2.5),
-                   steps: int = 20, seed: int = 0) -> list[tuple[float, float, Scores]]:
-    return [(s_t, s_i, evaluate(model, triplets, s_t, s_i, steps, seed)) for s_t in text_scales for s_i in image_scales]
+                   steps: int = 20, seed: int = 0, **speed) -> list[tuple[float, float, Scores]]:
+    return [(s_t, s_i, evaluate(model, triplets, s_t, s_i, steps, seed, **speed))
+            for s_t in text_scales for s_i in image_scales]
 
 
 def baselines(triplets: Sequence[Triplet], vae=None) -> dict[str, Scores]:
@@ -254,26 +261,32 @@ def _row(label: str, s: Scores) -> str:
 
 
 def report(model, per_kind: int = 20, steps: int = 20, seed: int = 0, table: bool = True,
-           table_per_kind: int = 8, settings=((7.5, 1.5), (3.0, 1.5))) -> str:
-    """The printed evaluation: baselines, the paper's default setting (and others), and the guidance grid."""
+           table_per_kind: int = 8, settings=((7.5, 1.5), (3.0, 1.5)), speed: str = "quality",
+           fast_interval: int = int(limits.FAST_INTERVAL.default)) -> str:
+    """The printed evaluation: baselines, the paper's default setting (and others), and the guidance grid.
+
+    ``speed="fast"``: every model edit in fast mode (the step cache, one full step of every ``fast_interval``)."""
+    fast = {"speed": speed, "fast_interval": fast_interval}
+    mode = "quality" if speed == "quality" else f"fast mode, interval {fast_interval}"
     held_out = synthetic.balanced_set(per_kind, seed=seed, size=synthetic.BASE_SIZE)
     kinds = " ".join(f"{k:>6}" for k in EDIT_KINDS)
     header = f"{'':<38} {'all':>6} {kinds}  {'PSNR':>6} {'SSIM':>6} {'keep dB':>7}"
     lines = [f"held-out triplets: {len(held_out)} ({per_kind} per edit kind), {steps} steps euler_ancestral, "
-             f"seed {seed}",
+             f"seed {seed}, {mode}",
              "success = rule check per instruction; PSNR/SSIM to the true edit; keep = PSNR to the input outside "
              "the edit region", header]
     for label, s in baselines(held_out, model.components.vae).items():
         lines.append(_row(label, s))
     for s_t, s_i in settings:
         start = time.time()
-        lines.append(_row(f"model, text {s_t} / image {s_i}", evaluate(model, held_out, s_t, s_i, steps, seed)))
+        scores = evaluate(model, held_out, s_t, s_i, steps, seed, **fast)
+        lines.append(_row(f"model, text {s_t} / image {s_i}", scores))
         log.info("evaluation at s_T %s / s_I %s took %.0f s", s_t, s_i, time.time() - start)
     if table:
         subset = synthetic.balanced_set(table_per_kind, seed=seed, size=synthetic.BASE_SIZE)
         lines += ["", f"guidance grid on {len(subset)} held-out triplets (text guidance s_T x image guidance s_I):",
                   header]
-        for s_t, s_i, s in guidance_table(model, subset, steps=steps, seed=seed):
+        for s_t, s_i, s in guidance_table(model, subset, steps=steps, seed=seed, **fast):
             lines.append(_row(f"s_T {s_t:>4} / s_I {s_i:>4}", s))
     return "\n".join(lines)
 
@@ -292,13 +305,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-table", action="store_true", help="skip the guidance grid")
     parser.add_argument("--table-per-kind", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--fast", action="store_true",
+                        help="edit in fast mode (the DeepCache-style step cache), to measure what it costs")
+    parser.add_argument("--fast-interval", type=int, default=int(limits.FAST_INTERVAL.default),
+                        help="with --fast: one full UNet step of every this many (default: the pack's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     cache = ModelCache()
     model = cache.get(cache.key_for(ModelSource.from_path(args.model), "fp32", "cpu"))
-    text = report(model, args.per_kind, args.steps, args.seed, not args.no_table, args.table_per_kind)
+    text = report(model, args.per_kind, args.steps, args.seed, not args.no_table, args.table_per_kind,
+                  speed="fast" if args.fast else "quality", fast_interval=args.fast_interval)
     # The report is this command's output, so it goes to stdout (not through logging).
     import sys
 

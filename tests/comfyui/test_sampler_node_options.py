@@ -1,4 +1,5 @@
-"""The sampler node's mask, denoise, feather, crop_to_mask and working_resolution inputs, called as ComfyUI calls them.
+"""The sampler node's mask, denoise, feather, crop_to_mask, working_resolution and speed inputs, called as ComfyUI calls
+them.
 
 Needs a ComfyUI checkout (COMFYUI_DIR) and skips, saying so, without one. Fixtures come from this tier's conftest.
 """
@@ -18,7 +19,7 @@ from ip2p_nodes.pipeline_core.errors import InputError  # noqa: E402
 from support.comfy_harness import picture  # noqa: E402
 
 EXISTING = ["model", "conditioning", "image", "seed", "steps", "text_guidance", "image_guidance", "scheduler", "plan"]
-ADDED = ["mask", "denoise", "feather", "crop_to_mask", "working_resolution"]
+ADDED = ["mask", "denoise", "feather", "crop_to_mask", "working_resolution", "speed"]
 
 
 def sample(model, image, seed=5, steps=2, **options):
@@ -67,3 +68,24 @@ def test_crop_to_mask_on_a_large_picture_at_a_low_working_resolution(tiny):
 def test_mask_batch_that_fits_no_image_batch_gets_a_message_naming_both(tiny):
     with pytest.raises(InputError, match="the mask batch has 2 masks but the image batch has 3 images"):
         sample(tiny, picture(24, 24, batch=3), mask=torch.ones(2, 24, 24))
+
+
+def test_speed_is_a_quality_fast_combo_whose_tooltip_states_the_trade_off():
+    speed = {i.id: i for i in IP2PSampler.define_schema().inputs}["speed"]
+    assert speed.options == ["quality", "fast"] and speed.default == "quality"
+    for words in ("quality: the whole model on every step", "fast:", "DeepCache", "slightly different"):
+        assert words in speed.tooltip, words
+
+
+def test_a_workflow_saved_before_speed_existed_gets_the_quality_edit_and_fast_is_another_picture(tiny):
+    img = picture(37, 53)
+    old = sample(tiny, img, steps=4)  # an older workflow's prompt has no speed input at all
+    quality = sample(tiny, img, steps=4, speed="quality")
+    fast = sample(tiny, img, steps=4, speed="fast")
+    assert torch.equal(old[0], quality[0]) and torch.equal(old[1]["samples"], quality[1]["samples"])
+    assert fast[0].shape == old[0].shape and not torch.equal(fast[0], old[0])
+
+
+def test_a_speed_the_node_does_not_offer_is_refused_with_the_choices(tiny):
+    with pytest.raises(InputError, match="speed must be one of quality, fast, got 'turbo'"):
+        sample(tiny, picture(24, 24), speed="turbo")
