@@ -175,17 +175,22 @@ def train_vae(vae, steps: int, batch_size: int = 32, seed: int = 0, lr: float = 
             dist = vae.encode(x).latent_dist
             rec = vae.decode(dist.mode()).sample.float()
         loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean() + var_weight * dist.var.float().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-            log.info("toy VAE step %d/%d loss %.4f", step, steps, np.mean(losses[-50:]))
+        optimizer_step(loss, opt, sched, list(vae.parameters()), losses, bar, step, steps, "toy VAE")
     vae.eval()
     return losses
+
+
+def optimizer_step(loss, opt, sched, params, losses: list[float], bar, step: int, steps: int, what: str) -> None:
+    """One clipped AdamW + schedule step of a VAE stage, with its loss logged every 50 steps."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    losses.append(loss.item())
+    if step % 50 == 0:
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        log.info("%s step %d/%d loss %.4f", what, step, steps, np.mean(losses[-50:]))
 
 
 @torch.no_grad()

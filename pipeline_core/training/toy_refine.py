@@ -61,7 +61,7 @@ def train_decoder(vae, steps: int, lr: float = REFINE["decoder_lr"], batch_size:
     """
     from tqdm.auto import tqdm
 
-    from .toy import images_to_tensor
+    from .toy import images_to_tensor, optimizer_step
 
     trainable = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
     vae.requires_grad_(False)
@@ -83,15 +83,7 @@ def train_decoder(vae, steps: int, lr: float = REFINE["decoder_lr"], batch_size:
             z = vae.encode(x).latent_dist.mode()
         rec = vae.decode(z).sample
         loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-            log.info("toy decoder step %d/%d loss %.4f", step, steps, np.mean(losses[-50:]))
+        optimizer_step(loss, opt, sched, trainable, losses, bar, step, steps, "toy decoder")
     vae.requires_grad_(False)
     vae.eval()
     return losses
