@@ -41,8 +41,9 @@ CONTROL_START = Range(0.0, 1.0, 0.0, 0.01)
 CONTROL_END = Range(0.0, 1.0, 1.0, 0.01)
 # Speed: "quality" runs the whole UNet on every step; "fast" reuses its deep features across steps (DeepCache,
 # see pipeline_core/editing/step_cache.py): one full step of every FAST_INTERVAL (and the last), the others
-# cached. Interval 1 is quality. The default is the largest the toy model's held-out success allows within 3
-# points of quality (300 triplets: interval 2 -2 / 0 points at text guidance 7.5 / 3, interval 3 -26 / -4); a full
+# cached. Interval 1 is quality. The default is the largest that keeps the toy model's held-out success at its
+# own text guidance (3) within 3 points of quality (300 triplets: interval 2 -1, and -7 at the paper's 7.5;
+# the previous toy model: interval 2 0 / -2, interval 3 -4 / -26 at text guidance 3 / 7.5); a full
 # SD1.5 UNet keeps far more of its work outside the cached path and may take more (DeepCache runs it at 3-5).
 SPEEDS = ("quality", "fast")
 FAST_INTERVAL = Range(1, 10, 2)
