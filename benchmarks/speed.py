@@ -8,7 +8,10 @@ Prints seconds per edit, seconds per step, ratios against the anchor, and the UN
 is spent outside the UNet); then (``--sections memory``, full model) the peak memory of fresh processes doing
 load + one edit, ours against diffusers' (benchmarks/peak_memory.py). ``--sections fast``: our fp32 edit in
 fast mode (the step cache, ``--fast-interval``) against the same edit in quality mode, with the UNet's
-middle-block calls counted. ``--json PATH`` writes every figure.
+middle-block calls counted. ``--sections levers``: one UNet call (the 3 guidance passes) with each CPU speed lever
+of issue 10 against the plain fp32 call — the classic attention against PyTorch's SDPA (diffusers' default),
+channels_last, and ``torch.compile`` (inductor; its compile time printed apart) — so each lever is kept or
+rejected on a figure. ``--json PATH`` writes every figure.
 
     python benchmarks/speed.py --model full --resolution 256 --steps 20 --sections fast
 """
@@ -74,9 +77,10 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--sections", nargs="+", choices=("speed", "memory", "fast"), default=["speed", "memory", "fast"],
+    p.add_argument("--sections", nargs="+", choices=("speed", "memory", "fast", "levers"),
+                   default=["speed", "memory", "fast"],
                    help="memory: peak RSS of fresh processes, full-size model only (see peak_memory.py); fast: "
-                        "fast mode against quality")
+                        "fast mode against quality; levers: one UNet call with each CPU speed lever")
     p.add_argument("--fast-interval", type=int, default=int(limits.FAST_INTERVAL.default),
                    help="fast section: one full UNet step of every this many")
     p.add_argument("--json", type=Path, help="also write the figures here")
@@ -89,6 +93,8 @@ def main() -> None:
         figures["speed"] = speed_section(args)
     if "fast" in args.sections:
         figures["fast"] = fast_section(args)
+    if "levers" in args.sections:
+        figures["levers"] = levers_section(args)
     if "memory" in args.sections and args.model == "full":
         # Each case is a fresh process, so what the speed section left in this one does not count.
         figures["memory"] = peak_memory.run_section(args, args.resolution, args.steps)
@@ -223,6 +229,57 @@ def fast_section(args) -> dict:
           f"{full_call:.3f} s, cached {cached_call:.3f} s ({cached_call / full_call:.3f})")
     return {"model": args.model, "resolution": args.resolution, "steps": args.steps, "precision": "fp32",
             "threads": torch.get_num_threads(), "interval": args.fast_interval, **rows, "fast_over_quality": ratio}
+
+
+def levers_section(args) -> dict:
+    """Seconds per UNet call (batch of the 3 guidance passes, fp32) with each lever; prints and returns them."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        unet = build_modules(args.model, Path(tmp))[0]
+    lat = args.resolution // 8
+    g = torch.Generator().manual_seed(0)
+    inp = torch.randn(3, 8, lat, lat, generator=g)
+    emb = torch.randn(3, 77, unet.config.cross_attention_dim, generator=g)
+    reference = unet(inp, 500, encoder_hidden_states=emb).sample
+
+    def call(module, x):
+        return lambda: module(x, 500, encoder_hidden_states=emb).sample
+
+    rows: dict[str, dict] = {}
+
+    def measure(name, fn, **extra):
+        seconds = timed(fn, args.repeats)
+        out = fn()
+        rows[name] = {"seconds": seconds, "max_abs_diff": float((out - reference).abs().max()), **extra}
+
+    measure("plain fp32 (SDPA attention, diffusers' default)", call(unet, inp))
+    unet.set_attn_processor(AttnProcessor())
+    measure("classic attention (no SDPA)", call(unet, inp))
+    unet.set_attn_processor(AttnProcessor2_0())
+    unet.to(memory_format=torch.channels_last)
+    measure("channels_last", call(unet, inp.contiguous(memory_format=torch.channels_last)))
+    unet.to(memory_format=torch.contiguous_format)
+    try:
+        compiled = torch.compile(unet)
+        t0 = time.perf_counter()
+        compiled(inp, 500, encoder_hidden_states=emb)
+        compile_seconds = time.perf_counter() - t0
+        measure("torch.compile (inductor, default mode)", call(compiled, inp), compile_seconds=compile_seconds)
+    except Exception as exc:  # a machine without a working C++ toolchain: the lever is unavailable, say so
+        rows["torch.compile (inductor, default mode)"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    plain = rows["plain fp32 (SDPA attention, diffusers' default)"]["seconds"]
+    print(f"\nCPU levers: one UNet call, 3 passes, model={args.model} resolution={args.resolution} fp32 "
+          f"threads={torch.get_num_threads()}")
+    for name, row in rows.items():
+        if "error" in row:
+            print(f"  {name:48s} unavailable: {row['error']}")
+            continue
+        row["vs_plain"] = row["seconds"] / plain
+        extra = f"  (compile {row['compile_seconds']:.0f} s)" if "compile_seconds" in row else ""
+        print(f"  {name:48s} {row['seconds']:8.3f} s  {row['vs_plain']:6.3f}x  max|diff| {row['max_abs_diff']:.1e}"
+              f"{extra}")
+    return {"model": args.model, "resolution": args.resolution, "threads": torch.get_num_threads(), "rows": rows}
 
 
 if __name__ == "__main__":
