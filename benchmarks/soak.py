@@ -107,7 +107,10 @@ def prompt_for(number: int, job: Job | None = None, prefix: str | None = None) -
     }
     prompt = {
         "1": {"class_type": "LoadImage", "inputs": {"image": f"soak-{job.size}.png"}},
-        "2": {"class_type": "IP2PModelLoader", "inputs": {"model": job.model, "hub_id": "", "precision": "auto"}},
+        # fp32, not "auto": on CPUs with AMX, "auto" is bf16, whose oneDNN kernels give a slightly different
+        # picture from one call to the next (measured: 0.15-0.2 apart on a 1-step edit of this random model), so
+        # "the last picture equals a fresh server's" could not tell a state leak from that noise. fp32 is exact.
+        "2": {"class_type": "IP2PModelLoader", "inputs": {"model": job.model, "hub_id": "", "precision": "fp32"}},
         "3": {"class_type": "IP2PInstruction",
               "inputs": {"model": ["2", 0], "instruction": job.instruction, "negative": ""}},
         "4": {"class_type": "IP2PSeedPlan", "inputs": plan},
