@@ -28,10 +28,14 @@ HERE = Path(__file__).resolve()
 CASES = {
     "ours-fp32": "ip2p-nodes fp32: load + one edit",
     "ours-bf16": "ip2p-nodes bf16: load + one edit",
+    "ours-bf16-low": "ip2p-nodes bf16, --memory low: same",
     "diffusers-fp32": "diffusers pipeline fp32 (anchor): load + one edit",
 }
 ANCHOR = "diffusers-fp32"
-GOAL = ("ours-bf16", 0.55)  # issue 10: peak RSS <= 0.55x diffusers' fp32 peak for the same edit
+# Issue 10: peak RSS <= 0.55x diffusers' fp32 peak for the same edit, freeing "what is not needed after loading".
+# With every bf16 weight resident (ours-bf16) the floor is the weights + the interpreter, ~0.55x by itself; the
+# goal is met by --memory low (one model part in memory at a time, models/releasing.py).
+GOAL = ("ours-bf16-low", 0.55)
 
 
 def status_bytes(field: str) -> int:
@@ -64,7 +68,7 @@ def child(case: str, folder: str, resolution: int, steps: int) -> dict:
     else:
         from ip2p_nodes.pipeline_core import ModelCache, ModelSource, SeedPlan, edit, encode_instruction
 
-        cache = ModelCache()
+        cache = ModelCache(memory="low" if case.endswith("-low") else "keep")
         model = cache.get(cache.key_for(ModelSource("diffusers", folder), case.split("-")[1], "cpu"))
         loaded = (status_bytes("VmHWM"), status_bytes("VmRSS"), time.perf_counter() - start)
         edit(model, encode_instruction(model, "make it winter"), image, SeedPlan.single(0), steps=steps,

@@ -119,6 +119,10 @@ class ComfyResidency(Residency):
         # Already-loaded modules cost nothing here; unloaded ones are moved back, evicting others if needed.
         mm.load_models_gpu([handle[n] for n in names], memory_required=memory_required, force_full_load=True)
 
+    def allows_release(self) -> bool:
+        # ComfyUI's manager holds the text encoders (their patchers move them); it offloads them itself.
+        return False
+
     def modules_changed(self, handle: Any) -> None:
         # ModelPatcher measures its module once; LoRA adapters added since must count in ComfyUI's budget.
         for patcher in handle.values():

@@ -36,7 +36,7 @@ def encode_instruction(model: CachedModel, instruction: str, negative: str = "")
         raise InputError("the instruction is empty; write the edit you want, e.g. 'make it winter'")
     if not isinstance(negative, str):
         raise InputError(f"the negative prompt must be text, got {type(negative).__name__}")
-    text, neg = model.encode(instruction), model.encode(negative)
+    text, neg = model.encode_texts(instruction, negative)
     return Conditioning(model.key, instruction, negative, text.embeds, neg.embeds, text.pooled, neg.pooled)
 
 

@@ -26,6 +26,7 @@ from .families.base import TextEncoding
 from .loading import ModelSource, load_components
 from .lora import LoraRef, LoraState, describe_stack
 from .precision import Precision, resolve_precision
+from .releasing import ReleasedModules, check_mode, loading_lean
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,11 @@ class Residency:
     def release(self, handle: Any) -> None:
         """Called when the cache drops the model."""
 
+    def allows_release(self) -> bool:
+        """Whether the cache may drop modules from memory (see :mod:`.releasing`); False where
+        another memory manager holds the modules."""
+        return True
+
     def modules_changed(self, handle: Any) -> None:
         """Called after weights were added to the modules (LoRA adapters): sizes known to a manager are stale."""
 
@@ -113,12 +119,13 @@ class CachedModel:
     """
 
     def __init__(self, key: ModelKey, components: IP2PComponents, handle: Any, residency: Residency,
-                 lora_state: LoraState | None = None):
+                 lora_state: LoraState | None = None, released: ReleasedModules | None = None):
         self.key = key
         self.components = components
         self.handle = handle
         self.residency = residency
         self._lora_state = lora_state if lora_state is not None else LoraState()
+        self.released = released or ReleasedModules(lambda: "keep", lambda: False)
         self._views: OrderedDict[tuple[LoraRef, ...], CachedModel] = OrderedDict()
         self._embeddings: OrderedDict[str, TextEncoding] = OrderedDict()
         self._lock = threading.Lock()
@@ -142,12 +149,14 @@ class CachedModel:
                 self._views.move_to_end(stack)
                 return view
         adapters = len(self._lora_state.adapters)
-        for ref in stack:
-            self._lora_state.load(ref, self.components)
+        with self.released.lock:
+            self.released.restore(self.components, self.components.modules())  # adapters go into real weights
+            for ref in stack:
+                self._lora_state.load(ref, self.components)
         if len(self._lora_state.adapters) != adapters:
             self.residency.modules_changed(self.handle)
         view = CachedModel(replace(self.key, loras=stack), self.components, self.handle, self.residency,
-                           self._lora_state)
+                           self._lora_state, self.released)
         with self._lock:
             view = self._views.setdefault(stack, view)
             while len(self._views) > MAX_LORA_VIEWS:
@@ -160,25 +169,44 @@ class CachedModel:
         Views share modules, so the stack is set on every use: a graph that samples with two stacks of one base
         model gets each stack's output, in either order.
         """
+        self.released.restore(self.components, names)
         self.residency.load(self.components, self.handle, names, memory_required)
         if any(name != "vae" for name in names):
             self._lora_state.activate(self.loras, self.components)
 
+    def done_with(self, *names: str) -> None:
+        """An edit no longer needs ``names`` (``unet``, ``vae``): in low memory mode they leave memory now."""
+        if self.released.done_with(self.components, names, bool(self._lora_state.adapters)):
+            return_memory_to_os(collect=False)
+
     def encode(self, text: str) -> TextEncoding:
         """``text`` as the family's UNet reads it, memoised per text (re-queuing a prompt encodes nothing)."""
+        return self.encode_texts(text)[0]
+
+    def encode_texts(self, *texts: str) -> list[TextEncoding]:
+        """:meth:`encode` for several texts at once: a released text encoder is read back once for all."""
+        out: dict[str, TextEncoding] = {}
         with self._lock:
-            hit = self._embeddings.get(text)
-            if hit is not None:
-                self._embeddings.move_to_end(text)
-                return hit
-        self.ensure_loaded(*(name for name in self.components.modules() if name.startswith("text_encoder")))
-        encoding = self.family.encode_text(self.components, text)
-        with self._lock:
-            self.encode_calls += 1
-            self._embeddings[text] = encoding
-            while len(self._embeddings) > MAX_CACHED_EMBEDDINGS:
-                self._embeddings.popitem(last=False)
-        return encoding
+            for text in texts:
+                hit = self._embeddings.get(text)
+                if hit is not None:
+                    self._embeddings.move_to_end(text)
+                    out[text] = hit
+        missing = [t for t in dict.fromkeys(texts) if t not in out]
+        if missing:
+            with self.released.lock:
+                self.ensure_loaded(*(name for name in self.components.modules() if name.startswith("text_encoder")))
+                for text in missing:
+                    out[text] = self.family.encode_text(self.components, text)
+                if self.released.after_encoding(self.components, bool(self._lora_state.adapters)):
+                    return_memory_to_os(collect=False)
+            with self._lock:
+                for text in missing:
+                    self.encode_calls += 1
+                    self._embeddings[text] = out[text]
+                while len(self._embeddings) > MAX_CACHED_EMBEDDINGS:
+                    self._embeddings.popitem(last=False)
+        return [out[t] for t in texts]
 
 
 Loader = Callable[[ModelSource, Precision, torch.device, torch.device], IP2PComponents]
@@ -194,10 +222,14 @@ def _default_loader(source: ModelSource, precision: Precision, device: torch.dev
 class ModelCache:
     """Lock-guarded LRU of loaded models. ``get`` on a key already held loads nothing."""
 
-    def __init__(self, max_models: int = 2, residency: Residency | None = None, loader: Loader = _default_loader):
+    def __init__(self, max_models: int = 2, residency: Residency | None = None, loader: Loader = _default_loader,
+                 memory: str = "auto"):
         self.max_models = max_models
         self.residency = residency or Residency()
         self._loader = loader
+        # keep / auto (text encoders released when memory is tight) / low (one module in memory at a time); see
+        # :mod:`.releasing`.
+        self.memory = check_mode(memory)
         self._models: OrderedDict[ModelKey, CachedModel] = OrderedDict()
         self._lock = threading.RLock()
         self.loads = 0  # how many times a model was actually read from disk
@@ -220,9 +252,13 @@ class ModelCache:
             device = torch.device(key.device)
             precision = resolve_precision(key.precision, device)
             log.info("ip2p: loading %s", key.describe())
-            components = self._loader(key.source, precision, device, self.residency.offload_device(device))
+            allowed = self.residency.allows_release()
+            with loading_lean(self.memory, allowed, key.source) as deferred:
+                components = self._loader(key.source, precision, device, self.residency.offload_device(device))
             self.loads += 1
-            model = CachedModel(key, components, self.residency.adopt(components), self.residency)
+            model = CachedModel(key, components, self.residency.adopt(components), self.residency,
+                                released=ReleasedModules(lambda: self.memory,
+                                                         lambda: self.residency.allows_release(), deferred))
             self._models[key] = model
             dropped = False
             while len(self._models) > self.max_models:

@@ -121,3 +121,22 @@ def test_cli_controlnet_steers_the_edit_and_strength_0_turns_it_off(tmp_path, ph
     assert steered.shape == plain.shape == (45, 61, 3)
     assert np.abs(steered.astype(int) - plain.astype(int)).max() > 5
     assert np.array_equal(off, plain)
+
+
+def test_cli_memory_low_gives_the_same_picture_and_leaves_no_model_part_in_memory(tmp_path, photo, tiny_folder,
+                                                                                  monkeypatch):
+    from ip2p_nodes.pipeline_core import ModelSource
+    from ip2p_nodes.pipeline_core.models.cache import MODEL_CACHE
+
+    monkeypatch.setattr(MODEL_CACHE, "memory", MODEL_CACHE.memory)  # the mode the CLI sets is undone after
+    MODEL_CACHE.clear()
+    args = ["edit", str(photo), "make it winter", "--model", str(tiny_folder), "--steps", "2", "--precision", "fp32"]
+    assert cli.main([*args, "-o", str(tmp_path / "low.png"), "--memory", "low"]) == 0
+    loads = MODEL_CACHE.loads
+    model = MODEL_CACHE.get(MODEL_CACHE.key_for(ModelSource("diffusers", str(tiny_folder)), "fp32", "cpu"))
+    assert MODEL_CACHE.loads == loads  # the CLI's own model, not a new one
+    assert model.released.released == {"unet", "vae", "text_encoder"}
+    MODEL_CACHE.clear()
+    assert cli.main([*args, "-o", str(tmp_path / "keep.png"), "--memory", "keep"]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "low.png")), np.asarray(Image.open(tmp_path / "keep.png")))
+    MODEL_CACHE.clear()

@@ -205,8 +205,8 @@ def test_a_bf16_load_of_an_fp32_folder_casts_tensor_by_tensor_to_the_weights_dif
     read = []
     real_read = weights.read_safetensors
 
-    def recording_read(file, dtype):
-        state = real_read(file, dtype)
+    def recording_read(file, dtype, channels_last=False):
+        state = real_read(file, dtype, channels_last)
         read.append((file.parent.name, {t.dtype for t in state.values() if t.is_floating_point()}))
         return state
 
@@ -228,3 +228,36 @@ def test_a_bf16_load_of_an_fp32_folder_casts_tensor_by_tensor_to_the_weights_dif
     reference = UNet2DConditionModel.from_pretrained(path, subfolder="unet").to(torch.bfloat16)
     ours = c.unet.state_dict()
     assert all(torch.equal(ours[k], v) for k, v in reference.state_dict().items())
+    # Read in the layout oneDNN's bf16 convolutions want, so nothing is re-laid out (and reallocated) after.
+    for role in ("unet", "vae"):
+        convs = [p for p in c.modules()[role].parameters() if p.dim() == 4]
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs), role
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_reading_a_file_a_few_rows_at_a_time_gives_every_tensor_exactly(tmp_path, monkeypatch, channels_last):
+    """Tensors larger than the read buffer are filled over several reads, each row where it belongs."""
+    from safetensors.torch import save_file
+
+    from ip2p_nodes.pipeline_core.models import weights
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "conv": torch.randn(7, 5, 3, 3, generator=g), "linear": torch.randn(9, 4, generator=g),
+        "bias": torch.randn(6, generator=g), "scalar": torch.tensor(1.5), "empty": torch.zeros(0, 3),
+        "ids": torch.arange(12).reshape(3, 4), "half": torch.randn(4, 4, generator=g).half(),
+    }
+    save_file(tensors, tmp_path / "w.safetensors")
+    monkeypatch.setattr(weights, "READ_CHUNK", 64)  # 2-4 rows per read for most of the tensors above
+    for dtype in (torch.float32, torch.bfloat16):
+        state = weights.read_safetensors(tmp_path / "w.safetensors", dtype, channels_last=channels_last)
+        assert set(state) == set(tensors)
+        for name, t in tensors.items():
+            want = t.to(dtype) if t.is_floating_point() else t
+            assert state[name].dtype == want.dtype and torch.equal(state[name], want), (name, dtype)
+        assert state["conv"].is_contiguous(memory_format=torch.channels_last) == channels_last
+    # A file cut short names the tensor it stopped in.
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-20])
+    with pytest.raises(ValueError, match="truncated at tensor"):
+        weights.read_safetensors(tmp_path / "cut.safetensors", torch.bfloat16)

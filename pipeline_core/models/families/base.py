@@ -116,6 +116,9 @@ def place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
             for name, sub in module.named_modules():
                 if any(k in name.split(".") for k in keep):
                     torch.nn.Module.to(sub, dtype=torch.float32)
+    if next(module.parameters()).is_meta:  # deferred (memory-tight mode): read onto its device when first used
+        module.eval().requires_grad_(False)
+        return
     module.to(device=device).eval().requires_grad_(False)
 
 
@@ -132,8 +135,18 @@ def diffusers_load_kwargs(dtype: torch.dtype) -> dict[str, Any]:
     return {"local_files_only": True, "torch_dtype": dtype, "low_cpu_mem_usage": is_accelerate_available()}
 
 
-def folder_unet_vae(path: Path, precision: Precision) -> dict[str, torch.nn.Module]:
-    """A diffusers folder's UNet and VAE, read straight into their dtypes (see :mod:`..weights`)."""
+def uses_channels_last(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a UNet or VAE in ``dtype`` on ``device`` keeps its convolution weights in channels_last.
+
+    oneDNN's bf16 convolutions are fastest in NHWC: ~3x over fp32 NCHW for the UNet on AMX/AVX512-BF16 CPUs,
+    and another ~20% off the VAE's bf16 time (measured at 256 px, benchmarks/speed.py). In fp32 it measured
+    1.07x slower (``benchmarks/speed.py --sections levers``), so fp32 stays NCHW.
+    """
+    return torch.device(device).type == "cpu" and dtype == torch.bfloat16
+
+
+def folder_unet_vae(path: Path, precision: Precision, device: torch.device | str = "cpu") -> dict[str, torch.nn.Module]:
+    """A diffusers folder's UNet and VAE, read straight into their dtypes and layout (see :mod:`..weights`)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     return {
@@ -141,6 +154,7 @@ def folder_unet_vae(path: Path, precision: Precision) -> dict[str, torch.nn.Modu
             path / role, dtype, cls.from_config,
             lambda cls=cls, role=role, dtype=dtype: cls.from_pretrained(path, subfolder=role,
                                                                         **diffusers_load_kwargs(dtype)),
+            channels_last=uses_channels_last(device, dtype),
         )
         for role, cls, dtype in (("unet", UNet2DConditionModel, precision.unet),
                                  ("vae", AutoencoderKL, precision.vae))
@@ -235,11 +249,10 @@ class Family:
         for role, module in modules.items():
             if isinstance(module, torch.nn.Module):
                 place(module, device, dtypes.get(role, precision.text_encoder))
-        if device.type == "cpu" and precision.unet == torch.bfloat16:
-            # oneDNN's bf16 convolutions are fastest in NHWC: ~3x over fp32 NCHW for the UNet on AMX/AVX512-BF16
-            # CPUs, and another ~20% off the VAE's bf16 time (measured at 256 px, benchmarks/speed.py).
-            modules["unet"].to(memory_format=torch.channels_last)
-            modules["vae"].to(memory_format=torch.channels_last)
+        for role in ("unet", "vae"):
+            if uses_channels_last(device, dtypes[role]):
+                # A no-op for folders (read in this layout); single files and from_pretrained are converted here.
+                modules[role].to(memory_format=torch.channels_last)
         return IP2PComponents(
             unet=modules["unet"], vae=modules["vae"], text_encoder=modules["text_encoder"],
             tokenizer=modules["tokenizer"], text_encoder_2=modules.get("text_encoder_2"),

@@ -58,7 +58,7 @@ class SD15Family(Family):
         scheduler_config = read_json(path / "scheduler" / "scheduler_config.json")
         try:
             modules = {
-                **folder_unet_vae(path, precision),
+                **folder_unet_vae(path, precision, device),
                 "text_encoder": folder_text_encoder(path, "text_encoder", CLIPTextModel, precision.text_encoder),
                 "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True),
             }

@@ -114,7 +114,7 @@ class SDXLFamily(Family):
                     path, subfolder="tokenizer", local_files_only=True, **clip_g_pad_kwargs(tokenizer)
                 )
             modules = {
-                **folder_unet_vae(path, precision),
+                **folder_unet_vae(path, precision, device),
                 "text_encoder": folder_text_encoder(path, "text_encoder", CLIPTextModel, precision.text_encoder),
                 "text_encoder_2": folder_text_encoder(path, "text_encoder_2", CLIPTextModelWithProjection,
                                                       precision.text_encoder),
