@@ -29,7 +29,7 @@ from pathlib import Path
 import peak_memory  # beside this file: run as a script, its folder is on sys.path
 import torch
 
-from ip2p_nodes.pipeline_core import ModelCache, ModelSource, SeedPlan, edit, encode_instruction, limits
+from ip2p_nodes.pipeline_core import ModelCache, ModelSource, PlanItem, SeedPlan, edit, encode_instruction, limits
 from ip2p_nodes.pipeline_core.editing.step_cache import StepCache
 from ip2p_nodes.pipeline_core.models.components import IP2PComponents
 from ip2p_nodes.pipeline_core.models.families import get as get_family
@@ -61,7 +61,12 @@ def build_modules(kind: str, tmp: Path):
 
 
 def timed(fn, repeats: int) -> float:
-    """Best of ``repeats`` after one untimed call (oneDNN builds its kernels on the first call of a shape)."""
+    """Best of ``repeats`` after one untimed call (oneDNN builds its kernels on the first call of a shape);
+    ``repeats=0``: one timed call, nothing before it (for long runs whose shapes were already warmed up)."""
+    if repeats == 0:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -77,10 +82,11 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--sections", nargs="+", choices=("speed", "memory", "fast", "levers"),
-                   default=["speed", "memory", "fast"],
-                   help="memory: peak RSS of fresh processes, full-size model only (see peak_memory.py); fast: "
-                        "fast mode against quality; levers: one UNet call with each CPU speed lever")
+    p.add_argument("--sections", nargs="+", choices=("speed", "sweep", "memory", "fast", "levers"),
+                   default=["speed", "sweep", "memory", "fast"],
+                   help="memory: peak RSS of fresh processes, full-size model only (see peak_memory.py); sweep: a "
+                        "4-seed x 3-guidance plan in one call against 12 single edits; fast: fast mode against "
+                        "quality; levers: one UNet call with each CPU speed lever")
     p.add_argument("--fast-interval", type=int, default=int(limits.FAST_INTERVAL.default),
                    help="fast section: one full UNet step of every this many")
     p.add_argument("--json", type=Path, help="also write the figures here")
@@ -91,6 +97,8 @@ def main() -> None:
     figures = {}
     if "speed" in args.sections:
         figures["speed"] = speed_section(args)
+    if "sweep" in args.sections:
+        figures["sweep"] = sweep_section(args)
     if "fast" in args.sections:
         figures["fast"] = fast_section(args)
     if "levers" in args.sections:
@@ -174,6 +182,48 @@ def speed_section(args) -> dict:
     return {"model": args.model, "resolution": args.resolution, "steps": args.steps,
             "threads": torch.get_num_threads(), "anchor_seconds": anchor,
             "rows": [{"what": name.strip(), "seconds": secs, "vs_anchor": anchor / secs} for name, secs in rows]}
+
+
+def sweep_section(args) -> dict:
+    """A 4-seed x 3-text-guidance plan as one edit call (at the default and at a 12-item batch) against the same 12
+    edits one call each, in "auto" precision; plus one edit at s_I = 1 (two guidance passes instead of three)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        unet, vae, te, tok, sched = build_modules(args.model, Path(tmp))
+
+        def loader(source, prec, device, place):
+            return get_family("sd15").assemble({"unet": unet, "vae": vae, "text_encoder": te, "tokenizer": tok}, sched,
+                                               prec, torch.device(device), source)
+
+        cache = ModelCache(loader=loader)
+        model = cache.get(cache.key_for(ModelSource("diffusers", f"in-memory-{args.model}"), "auto", "cpu"))
+        cond = encode_instruction(model, "make it winter")
+        img = torch.rand(1, args.resolution, args.resolution, 3, generator=torch.Generator().manual_seed(0))
+        plan = [PlanItem(seed, s_t, 1.5) for seed in range(4) for s_t in (5.0, 7.5, 10.0)]
+
+        def run(items, **kw):
+            return edit(model, cond, img, items, steps=args.steps, **kw)
+
+        # Untimed, one step each: oneDNN builds its kernels on the first call of each batch shape.
+        for max_batch in (1, int(limits.MAX_BATCH.default), len(plan)):
+            edit(model, cond, img, plan[:max_batch], steps=1, max_batch=max_batch)
+        singles = sum(timed(functools.partial(run, [item]), 0) for item in plan)
+        rows = {"12 single edits (one call each)": singles}
+        for max_batch in (int(limits.MAX_BATCH.default), len(plan)):
+            rows[f"one call, max_batch={max_batch}"] = timed(functools.partial(run, plan, max_batch=max_batch), 0)
+        one = timed(functools.partial(run, [PlanItem(0, 7.5, 1.5)]), args.repeats)
+        unit = timed(functools.partial(run, [PlanItem(0, 7.5, 1.0)]), args.repeats)
+    precision = model.key.precision
+    print(f"\nsweep: model={args.model} resolution={args.resolution} steps={args.steps} {precision} "
+          f"threads={torch.get_num_threads()}; 4 seeds x text guidance 5 / 7.5 / 10, image guidance 1.5")
+    out = {"model": args.model, "resolution": args.resolution, "steps": args.steps, "precision": precision,
+           "threads": torch.get_num_threads(), "rows": {}}
+    for name, secs in rows.items():
+        per_item = secs / singles
+        out["rows"][name] = {"seconds": secs, "per_item_vs_single": per_item}
+        print(f"  {name:40s} {secs:9.2f} s  per item {per_item:6.3f}x a single edit")
+    out["s_i_1"] = {"seconds": unit, "default_seconds": one, "ratio": unit / one}
+    print(f"  one edit at s_I = 1: {unit:.2f} s against {one:.2f} s at s_I = 1.5 ({unit / one:.3f}x: 2 passes, not 3)")
+    return out
 
 
 def fast_section(args) -> dict:

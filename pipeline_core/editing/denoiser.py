@@ -19,8 +19,26 @@ from .control import BatchControl, sum_residuals
 from .step_cache import StepCache
 
 
+def per_item_scales(s_t, s_i, n: int, device) -> tuple:
+    """(s_t, s_i, passes) for a batch: floats where every item has the same scale (the arithmetic of a single
+    edit, bit for bit), else ``[n,1,1,1]`` tensors. Every item must need the same passes (batches are grouped so).
+    """
+    s_t = [float(s_t)] * n if isinstance(s_t, (int, float)) else [float(v) for v in s_t]
+    s_i = [float(s_i)] * n if isinstance(s_i, (int, float)) else [float(v) for v in s_i]
+    passes = {guidance.required_passes(a, b) for a, b in zip(s_t, s_i)}
+    if len(passes) != 1:
+        raise ValueError(f"a batch's items need different guidance passes: {sorted(passes)}")
+
+    def one(values):
+        if len(set(values)) == 1:
+            return values[0]
+        return torch.tensor(values, dtype=torch.float32, device=device).view(n, 1, 1, 1)
+
+    return one(s_t), one(s_i), passes.pop()
+
+
 class Denoiser:
-    """Guided model output for a batch of ``n`` items that share guidance scales.
+    """Guided model output for a batch of ``n`` items that need the same guidance passes (scales may differ).
 
     ``image_latents`` ``[n,4,h,w]`` are unscaled VAE latents of each item's picture; the family says how the UNet
     sees them (:meth:`Family.image_latent_scale`). ``time_ids`` ``[n,k]`` is the family's size conditioning, or
@@ -32,7 +50,8 @@ class Denoiser:
     ``steps``: the number of calls the sampler will make, so fast mode runs the last one whole.
     """
 
-    def __init__(self, model: CachedModel, cond: Conditioning, image_latents: torch.Tensor, s_t: float, s_i: float,
+    def __init__(self, model: CachedModel, cond: Conditioning, image_latents: torch.Tensor,
+                 s_t: float | Sequence[float], s_i: float | Sequence[float],
                  time_ids: torch.Tensor | None = None, controls: Sequence[BatchControl] = (),
                  fast_interval: int | None = None, steps: int | None = None):
         c = model.components
@@ -41,10 +60,9 @@ class Denoiser:
         self.step_cache = None if fast_interval is None else StepCache(c.unet, fast_interval, steps)
         self.run_unet = self.unet if self.step_cache is None else self.step_cache
         self.dtype = c.precision.unet
-        self.s_t, self.s_i = s_t, s_i
-        self.passes = guidance.required_passes(s_t, s_i)
         n = len(image_latents)
         device = c.device
+        self.s_t, self.s_i, self.passes = per_item_scales(s_t, s_i, n, device)
         img = image_latents.to(device, torch.float32) * c.spec.image_latent_scale(c)
         pass_images = {guidance.TEXT: img, guidance.IMAGE: img, guidance.UNCOND: torch.zeros_like(img)}
         self.cond_images = torch.cat([pass_images[p] for p in self.passes])

@@ -63,10 +63,14 @@ class EditResult:
 
 @dataclass(frozen=True)
 class Batch:
-    """Jobs sampled together: same guidance scales (they decide the passes) and same latent size."""
+    """Jobs sampled together: the same guidance passes and the same latent size; each job has its own scales.
 
-    text_guidance: float
-    image_guidance: float
+    A guidance sweep's items only differ in their scales, so they share batches: on a CPU a UNet call on 36 rows
+    costs about as much as two on 12 (bf16 weights are re-laid out for every call), see benchmarks/speed.py.
+    """
+
+    text_guidance: tuple[float, ...]  # per job
+    image_guidance: tuple[float, ...]
     jobs: tuple[int, ...]  # indices into the job list
 
 
@@ -112,12 +116,13 @@ def plan_batches(regions: list[Region], latent_shapes: list[tuple], guidances: l
     groups: dict[tuple, list[int]] = {}
     for j, (b, k) in enumerate(jobs):
         if not regions[b].skip:
-            groups.setdefault((guidances[k], latent_shapes[b]), []).append(j)
-    batches = [
-        Batch(key[0][0], key[0][1], tuple(idx[i : i + max_batch]))
-        for key, idx in groups.items()
-        for i in range(0, len(idx), max_batch)
-    ]
+            groups.setdefault((guidance.required_passes(*guidances[k]), latent_shapes[b]), []).append(j)
+    batches = []
+    for idx in groups.values():
+        for i in range(0, len(idx), max_batch):
+            chunk = tuple(idx[i : i + max_batch])
+            scales = [guidances[jobs[j][1]] for j in chunk]
+            batches.append(Batch(tuple(s for s, _ in scales), tuple(s for _, s in scales), chunk))
     return jobs, batches
 
 

@@ -45,10 +45,14 @@ def combine(predictions: dict[str, torch.Tensor], s_t, s_i) -> torch.Tensor:
     """
     if all(name in predictions for name in PASS_ORDER):
         return dual_guidance(predictions[TEXT], predictions[IMAGE], predictions[UNCOND], s_t, s_i)
-    weights = pass_weights(float(s_t), float(s_i))
-    missing = [n for n in PASS_ORDER if weights[n] != 0.0 and n not in predictions]
-    if missing:
-        raise ValueError(f"guidance at s_T={s_t}, s_I={s_i} needs the {', '.join(missing)} pass(es)")
+    if isinstance(s_t, torch.Tensor) or isinstance(s_i, torch.Tensor):
+        # Per-item scales of one batch (a guidance sweep): its items were grouped by the passes they need.
+        weights = pass_weights(s_t, s_i)
+    else:
+        weights = pass_weights(float(s_t), float(s_i))
+        missing = [n for n in PASS_ORDER if weights[n] != 0.0 and n not in predictions]
+        if missing:
+            raise ValueError(f"guidance at s_T={s_t}, s_I={s_i} needs the {', '.join(missing)} pass(es)")
     if set(predictions) == {TEXT, IMAGE}:
         # s_I == 1: e_I + s_T (e_T - e_I), the form the formula takes with e_U cancelled.
         return predictions[IMAGE] + s_t * (predictions[TEXT] - predictions[IMAGE])

@@ -32,6 +32,26 @@ def test_item_is_independent_of_batch_chunking(family_model):
     assert (a.images - b.images).abs().max() < 1e-4
 
 
+def test_a_guidance_sweep_shares_unet_calls_and_each_item_is_its_own_edit(family_model):
+    """Items that only differ in their scales are sampled together (fewer, larger UNet calls: cheaper per item
+    on a CPU); items needing other guidance passes (s_I = 1 drops one) go in their own batch."""
+    cond = encode_instruction(family_model, "make it winter")
+    img = _img()
+    plan = [PlanItem(seed, s_t, 1.5) for seed in (3, 4) for s_t in (2.0, 5.0, 9.0)] + [PlanItem(3, 5.0, 1.0)]
+    calls = []
+    hook = family_model.components.unet.register_forward_pre_hook(lambda m, a, k: calls.append(len(a[0])),
+                                                                    with_kwargs=True)
+    try:
+        swept = edit(family_model, cond, img, plan, steps=2, max_batch=8)
+    finally:
+        hook.remove()
+    assert calls == [6 * 3, 6 * 3, 1 * 2, 1 * 2]  # 6 items x 3 passes per step, then the s_I = 1 item's 2 passes
+    for i, item in enumerate(plan):
+        solo = edit(family_model, cond, img, [item], steps=2)
+        assert (swept.images[i] - solo.images[0]).abs().max() < 1e-4, item
+    assert (swept.images[0] - swept.images[1]).abs().max() > 1e-3  # the scales really differ per item
+
+
 @pytest.mark.parametrize("h,w", [(37, 53), (8, 8), (65, 9), (64, 48)])
 def test_output_has_exactly_the_input_size(family_model, h, w):
     cond = encode_instruction(family_model, "add snow")
