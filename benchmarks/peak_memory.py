@@ -6,7 +6,8 @@
 Each case runs in a fresh interpreter (``python peak_memory.py --child CASE FOLDER``) and reads ``VmHWM`` (the
 peak resident set) from ``/proc/self/status`` when it is done: ``ru_maxrss`` would carry a large parent's peak
 over ``exec`` on Linux, and one process measuring several loads only shows the largest. The cases run one after
-another, never side by side, so they do not squeeze each other.
+another, never side by side, so they do not squeeze each other. Each runs twice: first with the model's files
+evicted from the OS page cache (the cold load and cold total time), then again (warm; its memory figures).
 
 The model is a diffusers folder of the real SD1.5-IP2P architecture with random weights, fp32 as
 timbrooks/instruct-pix2pix ships it (~4.3 GB, written once into a temp folder unless ``--folder`` names one):
@@ -86,16 +87,38 @@ def write_model(folder: Path) -> Path:
     return model_files.write_full_size_ip2p_folder(folder)
 
 
+def evict_from_page_cache(folder: Path) -> None:
+    """Ask the OS to drop the folder's files from its page cache, so the next read comes from the disk (a cold
+    load). Advice, not a guarantee (pages mapped elsewhere stay), but it needs no root, unlike drop_caches."""
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def run_child(case: str, folder: Path, resolution: int, steps: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, str(HERE), "--child", case, str(folder), "--resolution", str(resolution),
+         "--steps", str(steps)],
+        check=True, capture_output=True, text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def measure(folder: Path, resolution: int, steps: int, cases=tuple(CASES)) -> dict:
-    """Run every case in a fresh process, one at a time; returns the figures and ratios as JSON-ready data."""
+    """Run every case in a fresh process, one at a time, first with the model's files evicted from the page cache
+    (its load time is the cold one), then again (warm: the figures reported); returns JSON-ready data."""
     results = {}
     for case in cases:
-        out = subprocess.run(
-            [sys.executable, str(HERE), "--child", case, str(folder), "--resolution", str(resolution),
-             "--steps", str(steps)],
-            check=True, capture_output=True, text=True,
-        )
-        results[case] = json.loads(out.stdout.strip().splitlines()[-1])
+        evict_from_page_cache(folder)
+        cold = run_child(case, folder, resolution, steps)
+        results[case] = run_child(case, folder, resolution, steps)
+        # diffusers maps the files and reads them during the edit, so its whole run is what a cold start costs.
+        results[case]["cold_load_seconds"] = cold["load_seconds"]
+        results[case]["cold_seconds"] = cold["seconds"]
     anchor = results[ANCHOR]["peak_hwm"] if ANCHOR in results else None
     for r in results.values():
         r["ratio_vs_anchor"] = r["peak_hwm"] / anchor if anchor else None
@@ -112,10 +135,13 @@ def measure(folder: Path, resolution: int, steps: int, cases=tuple(CASES)) -> di
 def print_table(figures: dict) -> None:
     gib = 1024**3
     print(f"\npeak memory of a fresh process (VmHWM), resolution={figures['resolution']} steps={figures['steps']}")
-    print(f"{'what (fresh process)':52s} {'after load':>11s} {'peak':>8s} {'vs anchor':>10s}")
+    print(f"{'what (fresh process)':52s} {'after load':>11s} {'peak':>8s} {'vs anchor':>10s} "
+          f"{'load cold/warm':>15s} {'all cold/warm':>14s}")
     for case, r in figures["cases"].items():
         ratio = "" if r["ratio_vs_anchor"] is None else f"{r['ratio_vs_anchor']:9.2f}x"
-        print(f"{CASES[case]:52s} {r['load_hwm'] / gib:8.2f} GiB {r['peak_hwm'] / gib:5.2f} GiB {ratio:>10s}")
+        times = (f"{r.get('cold_load_seconds', float('nan')):6.1f}/{r['load_seconds']:4.1f} s "
+                 f"{r.get('cold_seconds', float('nan')):6.1f}/{r['seconds']:4.1f} s")
+        print(f"{CASES[case]:52s} {r['load_hwm'] / gib:8.2f} GiB {r['peak_hwm'] / gib:5.2f} GiB {ratio:>10s} {times}")
     goal = figures["goal"]
     if goal["met"] is not None:
         print(f"goal {goal['case']} <= {goal['max_ratio']}x the anchor: {'met' if goal['met'] else 'NOT met'}")
