@@ -184,20 +184,26 @@ def speed_section(args) -> dict:
             "rows": [{"what": name.strip(), "seconds": secs, "vs_anchor": anchor / secs} for name, secs in rows]}
 
 
+def in_memory_edit(args, tmp: Path, precision: str):
+    """The benchmark's model (:func:`build_modules`) through our cache in ``precision``, "make it winter"
+    encoded, and the input picture: (model, conditioning, image)."""
+    unet, vae, te, tok, sched = build_modules(args.model, tmp)
+
+    def loader(source, prec, device, place):
+        return get_family("sd15").assemble({"unet": unet, "vae": vae, "text_encoder": te, "tokenizer": tok}, sched,
+                                           prec, torch.device(device), source)
+
+    cache = ModelCache(loader=loader)
+    model = cache.get(cache.key_for(ModelSource("diffusers", f"in-memory-{args.model}"), precision, "cpu"))
+    img = torch.rand(1, args.resolution, args.resolution, 3, generator=torch.Generator().manual_seed(0))
+    return model, encode_instruction(model, "make it winter"), img
+
+
 def sweep_section(args) -> dict:
     """A 4-seed x 3-text-guidance plan as one edit call (at the default and at a 12-item batch) against the same 12
     edits one call each, in "auto" precision; plus one edit at s_I = 1 (two guidance passes instead of three)."""
     with tempfile.TemporaryDirectory() as tmp:
-        unet, vae, te, tok, sched = build_modules(args.model, Path(tmp))
-
-        def loader(source, prec, device, place):
-            return get_family("sd15").assemble({"unet": unet, "vae": vae, "text_encoder": te, "tokenizer": tok}, sched,
-                                               prec, torch.device(device), source)
-
-        cache = ModelCache(loader=loader)
-        model = cache.get(cache.key_for(ModelSource("diffusers", f"in-memory-{args.model}"), "auto", "cpu"))
-        cond = encode_instruction(model, "make it winter")
-        img = torch.rand(1, args.resolution, args.resolution, 3, generator=torch.Generator().manual_seed(0))
+        model, cond, img = in_memory_edit(args, Path(tmp), "auto")
         plan = [PlanItem(seed, s_t, 1.5) for seed in range(4) for s_t in (5.0, 7.5, 10.0)]
 
         def run(items, **kw):
@@ -229,16 +235,7 @@ def sweep_section(args) -> dict:
 def fast_section(args) -> dict:
     """Seconds per fp32 edit in quality and in fast mode, same model, picture and seed; prints the rows."""
     with tempfile.TemporaryDirectory() as tmp:
-        unet, vae, te, tok, sched = build_modules(args.model, Path(tmp))
-
-        def loader(source, prec, device, place):
-            return get_family("sd15").assemble({"unet": unet, "vae": vae, "text_encoder": te, "tokenizer": tok}, sched,
-                                               prec, torch.device(device), source)
-
-        cache = ModelCache(loader=loader)
-        model = cache.get(cache.key_for(ModelSource("diffusers", f"in-memory-{args.model}"), "fp32", "cpu"))
-        cond = encode_instruction(model, "make it winter")
-        img = torch.rand(1, args.resolution, args.resolution, 3, generator=torch.Generator().manual_seed(0))
+        model, cond, img = in_memory_edit(args, Path(tmp), "fp32")
         deep_calls = []
         hook = model.components.unet.mid_block.register_forward_pre_hook(lambda *_: deep_calls.append(1))
         runs = {speed: functools.partial(edit, model, cond, img, SeedPlan.single(0), steps=args.steps,
