@@ -19,14 +19,15 @@ log = logging.getLogger(__name__)
 
 
 @contextmanager
-def vae_tiling(vae, pixels: int):
-    """Tile the VAE for frames above ``resolution.VAE_TILE_AREA`` pixels, restoring its setting after.
+def vae_tiling(vae, pixels: int, force: bool = False):
+    """Tile the VAE for frames above ``resolution.VAE_TILE_AREA`` pixels (or if ``force``), restoring its setting
+    after.
 
     Tiled results differ slightly from whole-frame ones (each tile normalises on its own), so small frames,
     which fit in memory anyway, are never tiled.
     """
     previous = vae.use_tiling
-    vae.use_tiling = previous or pixels > resolution.VAE_TILE_AREA
+    vae.use_tiling = previous or force or pixels > resolution.VAE_TILE_AREA
     if vae.use_tiling and not previous:
         log.info("ip2p: %d-pixel frame: VAE in tiles of %d px", pixels, vae.tile_sample_min_size)
     try:
@@ -35,14 +36,38 @@ def vae_tiling(vae, pixels: int):
         vae.use_tiling = previous
 
 
+def tiled_if_out_of_memory(vae, pixels: int, run, what: str):
+    """``run()`` with the VAE tiled by size; if the device runs out of memory untiled, once more in tiles.
+
+    A GPU with little free memory (an 8 GB card at 1024 px, or one shared with other models) fails the
+    whole-frame VAE pass that tiles would fit; as ComfyUI's own VAE nodes do, the pass is retried tiled (a
+    slightly different picture, which is said) rather than the run failing after all its sampling.
+    """
+    tiled = vae.use_tiling or pixels > resolution.VAE_TILE_AREA
+    try:
+        with vae_tiling(vae, pixels):
+            return run()
+    except torch.OutOfMemoryError:
+        if tiled:
+            raise  # already in tiles: nothing smaller to try
+    log.warning("ip2p: out of device memory in the VAE %s of a %d-pixel frame; retrying in tiles", what, pixels)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # what the failed pass had allocated
+    with vae_tiling(vae, pixels, force=True):
+        return run()
+
+
 @torch.inference_mode()
 def encode_images(model: CachedModel, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     """Image latents as the paper conditions on them: ``latent_dist.mode()``, not scaled."""
     c = model.components
     x, size = comfy_to_vae(images, c.vae_scale_factor)
     model.ensure_loaded("vae")
-    with vae_tiling(c.vae, x.shape[-2] * x.shape[-1]):
-        latents = [c.vae.encode(x[i : i + 1].to(c.device, c.precision.vae)).latent_dist.mode() for i in range(len(x))]
+
+    def run():
+        return [c.vae.encode(x[i : i + 1].to(c.device, c.precision.vae)).latent_dist.mode() for i in range(len(x))]
+
+    latents = tiled_if_out_of_memory(c.vae, x.shape[-2] * x.shape[-1], run, "encode")
     return torch.cat(latents).float(), size
 
 
@@ -52,6 +77,9 @@ def decode_latents(model: CachedModel, latents: torch.Tensor, size: tuple[int, i
     c = model.components
     model.ensure_loaded("vae")
     pixels = latents.shape[-2] * latents.shape[-1] * c.vae_scale_factor**2
-    with vae_tiling(c.vae, pixels):
-        out = [c.vae.decode(z.to(c.device, c.precision.vae)).sample.float().cpu() for z in latents.split(1)]
+
+    def run():
+        return [c.vae.decode(z.to(c.device, c.precision.vae)).sample.float().cpu() for z in latents.split(1)]
+
+    out = tiled_if_out_of_memory(c.vae, pixels, run, "decode")
     return vae_to_comfy(torch.cat(out), size)

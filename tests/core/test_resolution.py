@@ -147,3 +147,61 @@ def test_large_frames_go_through_the_vae_in_tiles(fp32_model, monkeypatch):
     # the tiny VAE's tile is 64 px = 8 latents; whole-frame decoding would show one 20 x 25 call
     assert seen and all(h <= 8 and w <= 8 for h, w in seen)
     assert vae.use_tiling is False  # the shared model is left as it was
+
+
+@pytest.mark.parametrize("stage", ["encode", "decode"])
+def test_a_vae_pass_out_of_device_memory_is_retried_in_tiles(fp32_model, monkeypatch, caplog, stage):
+    """A GPU with little free memory fails a whole-frame VAE pass that tiles fit (as ComfyUI's VAE nodes do, the
+    pass is retried tiled). No GPU here: the first untiled call raises the error CUDA would."""
+    from ip2p_nodes.pipeline_core.editing.vae import decode_latents, encode_images
+
+    vae = fp32_model.components.vae
+    part = getattr(vae, stage)
+    failures = []
+
+    def first_untiled_call_fails(*args, **kwargs):
+        if not vae.use_tiling and not failures:
+            failures.append(stage)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return part(*args, **kwargs)
+
+    img = _img(160, 200)
+    latents = torch.randn(1, 4, 20, 25, generator=torch.Generator().manual_seed(2))
+
+    def run():
+        if stage == "encode":
+            return encode_images(fp32_model, img)[0]
+        return decode_latents(fp32_model, latents, (160, 200))
+
+    monkeypatch.setattr(resolution, "VAE_TILE_AREA", 96 * 96)
+    in_tiles = run()  # the expected result: the same pass in tiles
+    monkeypatch.setattr(resolution, "VAE_TILE_AREA", 1 << 30)  # never tiled by size from here
+    whole = run()
+    monkeypatch.setattr(vae, stage, first_untiled_call_fails)
+    with caplog.at_level("WARNING"):
+        retried = run()
+    assert failures == [stage]
+    assert f"out of device memory in the VAE {stage}" in caplog.text
+    assert torch.equal(retried, in_tiles) and not torch.equal(retried, whole)
+    assert vae.use_tiling is False  # the shared model is left as it was
+    # A whole edit gets through too, with the one failed pass retried.
+    failures.clear()
+    cond = encode_instruction(fp32_model, "add snow")
+    assert edit(fp32_model, cond, img, SeedPlan.single(1), steps=1).images.shape == (1, 160, 200, 3)
+    assert failures == [stage]
+
+
+def test_a_vae_pass_already_in_tiles_that_runs_out_of_memory_fails_with_that_error(fp32_model, monkeypatch):
+    vae = fp32_model.components.vae
+    monkeypatch.setattr(resolution, "VAE_TILE_AREA", 96 * 96)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(vae, "decode", out_of_memory)
+    cond = encode_instruction(fp32_model, "add snow")
+    with pytest.raises(torch.OutOfMemoryError):
+        edit(fp32_model, cond, _img(160, 200), SeedPlan.single(1), steps=1)
+    monkeypatch.undo()
+    assert vae.use_tiling is False
+    assert edit(fp32_model, cond, _img(40, 40), SeedPlan.single(1), steps=1).images.shape == (1, 40, 40, 3)
