@@ -21,12 +21,13 @@ from typing import Any, Callable
 
 import torch
 
+from . import cpu_pack
 from .components import IP2PComponents
 from .families.base import TextEncoding
 from .loading import ModelSource, load_components
 from .lora import LoraRef, LoraState, describe_stack
 from .precision import Precision, resolve_precision
-from .releasing import ReleasedModules, check_mode, loading_lean
+from .releasing import ReleasedModules, available_memory, check_mode, loading_lean
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +257,9 @@ class ModelCache:
             with loading_lean(self.memory, allowed, key.source) as deferred:
                 components = self._loader(key.source, precision, device, self.residency.offload_device(device))
             self.loads += 1
+            if cpu_pack.should_pack(components.unet, self.memory, available_memory()):
+                log.info("ip2p: %d UNet convolutions run on prepacked weights (bf16 on a CPU)",
+                         cpu_pack.pack_convolutions(components.unet))
             model = CachedModel(key, components, self.residency.adopt(components), self.residency,
                                 released=ReleasedModules(lambda: self.memory,
                                                          lambda: self.residency.allows_release(), deferred))

@@ -35,6 +35,7 @@ from typing import Callable
 
 import torch
 
+from . import cpu_pack
 from .components import IP2PComponents
 from .weights import assign_strict, deferring, read_safetensors, weight_files
 
@@ -161,7 +162,9 @@ class ReleasedModules:
                 log.debug("ip2p: keeping %s of %s (not readable back alone)", names, components.source.name)
             return False
         for name in readable:
-            components.modules()[name].to("meta")
+            module = components.modules()[name]
+            cpu_pack.unpack_convolutions(module)  # a packed copy would outlive the weights it was made of
+            module.to("meta")
         self.released.update(readable)
         return True
 
