@@ -10,8 +10,10 @@ load + one edit, ours against diffusers' (benchmarks/peak_memory.py). ``--sectio
 fast mode (the step cache, ``--fast-interval``) against the same edit in quality mode, with the UNet's
 middle-block calls counted. ``--sections levers``: one UNet call (the 3 guidance passes) with each CPU speed lever
 of issue 10 against the plain fp32 call — the classic attention against PyTorch's SDPA (diffusers' default),
-channels_last, and ``torch.compile`` (inductor; its compile time printed apart) — so each lever is kept or
-rejected on a figure. ``--json PATH`` writes every figure.
+channels_last, ``torch.compile`` (inductor; its compile time printed apart), and in bf16 the convolutions on
+prepacked weights (``pipeline_core/models/cpu_pack.py``) — so each lever is kept or rejected on a figure.
+``--sections sweep``: a 4-seed x 3-guidance plan as one call against 12 single edits. ``--json PATH`` writes
+every figure.
 
     python benchmarks/speed.py --model full --resolution 256 --steps 20 --sections fast
 """
@@ -155,7 +157,9 @@ def speed_section(args) -> dict:
             cond = encode_instruction(model, "make it winter")
             # Bound now (not a closure): `model` is deleted at the end of each pass to free its memory.
             t = timed(functools.partial(edit, model, cond, img, SeedPlan.single(0), **common), args.repeats)
-            rows.append((f"ip2p-nodes {resolved.name}" + (" + channels_last" if resolved.name == "bf16" else ""), t))
+            packed = any("forward" in m.__dict__ for m in model.components.unet.modules())
+            label = {"bf16": " + channels_last" + (", prepacked convolutions" if packed else "")}.get(resolved.name, "")
+            rows.append((f"ip2p-nodes {resolved.name}{label}", t))
 
             # UNet floor: one batch-of-3 forward at this precision.
             c = model.components
@@ -315,6 +319,20 @@ def levers_section(args) -> dict:
         measure("torch.compile (inductor, default mode)", call(compiled, inp), compile_seconds=compile_seconds)
     except Exception as exc:  # a machine without a working C++ toolchain: the lever is unavailable, say so
         rows["torch.compile (inductor, default mode)"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    # bf16 (what "auto" runs on CPUs with AMX/AVX512-BF16): channels_last, then convolutions on prepacked weights.
+    from ip2p_nodes.pipeline_core.models import cpu_pack
+
+    if cpu_pack.available():
+        unet.to(torch.bfloat16).to(memory_format=torch.channels_last)
+        x16 = inp.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        e16 = emb.to(torch.bfloat16)
+        bf16_ref = unet(x16, 500, encoder_hidden_states=e16).sample
+        for name in ("bf16 channels_last", "bf16 channels_last, prepacked convolutions"):
+            if "prepacked" in name:
+                cpu_pack.pack_convolutions(unet)
+            fn = lambda: unet(x16, 500, encoder_hidden_states=e16).sample  # noqa: E731
+            rows[name] = {"seconds": timed(fn, args.repeats),
+                          "max_abs_diff_vs_bf16": float((fn().float() - bf16_ref.float()).abs().max())}
     plain = rows["plain fp32 (SDPA attention, diffusers' default)"]["seconds"]
     print(f"\nCPU levers: one UNet call, 3 passes, model={args.model} resolution={args.resolution} fp32 "
           f"threads={torch.get_num_threads()}")
@@ -324,7 +342,9 @@ def levers_section(args) -> dict:
             continue
         row["vs_plain"] = row["seconds"] / plain
         extra = f"  (compile {row['compile_seconds']:.0f} s)" if "compile_seconds" in row else ""
-        print(f"  {name:48s} {row['seconds']:8.3f} s  {row['vs_plain']:6.3f}x  max|diff| {row['max_abs_diff']:.1e}"
+        diff = row.get("max_abs_diff", row.get("max_abs_diff_vs_bf16"))
+        against = "" if "max_abs_diff" in row else " vs bf16"
+        print(f"  {name:48s} {row['seconds']:8.3f} s  {row['vs_plain']:6.3f}x  max|diff|{against} {diff:.1e}"
               f"{extra}")
     return {"model": args.model, "resolution": args.resolution, "threads": torch.get_num_threads(), "rows": rows}
 
