@@ -10,13 +10,16 @@ without compiling anything.
 The packed copy is memory beside the module's own weight (SD1.5: 589 M convolution parameters, 1.2 GB in bf16),
 so it is made only where memory allows it (:func:`should_pack`), and never in ``--memory low``. A module's
 packed weight is remade whenever its weight is another tensor or was changed in place (peft's LoRA adapters run
-beside the base convolution and leave its weight alone).
+beside the base convolution and leave its weight alone). A weight made under ``torch.inference_mode`` (ComfyUI
+runs every node in it) has no version counter, so only its replacement is seen there: nothing in the pack
+writes into a loaded weight in place.
 """
 
 from __future__ import annotations
 
 import logging
 import types
+import weakref
 
 import torch
 from torch import nn
@@ -60,14 +63,15 @@ def _packed_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     w = self.weight
     if x.device.type != "cpu" or x.dtype != w.dtype or w.is_meta or w.device.type != "cpu":
         return nn.Conv2d.forward(self, x)
-    key = (id(w), w.data_ptr(), w._version)
+    # A weak reference, not id(): a freed weight's id and address can be reused by the next one.
+    version = None if w.is_inference() else w._version
     packed = self.__dict__.get("_ip2p_packed")
-    if packed is None or packed[0] != key:
+    if packed is None or packed[0]() is not w or packed[1] != version:
         weight = torch.ops.mkldnn._reorder_convolution_weight(
             w, list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape))
-        packed = self.__dict__["_ip2p_packed"] = (key, weight)
+        packed = self.__dict__["_ip2p_packed"] = (weakref.ref(w), version, weight)
     return torch.ops.mkldnn._convolution_pointwise(
-        x, packed[1], self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
+        x, packed[2], self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
         "none", [], "")
 
 

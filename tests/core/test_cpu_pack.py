@@ -45,6 +45,21 @@ def test_a_packed_convolution_gives_exactly_the_plain_one(channels_last):
     assert "forward" not in conv.__dict__ and "_ip2p_packed" not in conv.__dict__
 
 
+def test_weights_made_in_inference_mode_run_packed_and_a_replaced_one_is_seen():
+    # ComfyUI loads and runs every node under torch.inference_mode: its tensors have no version counter.
+    g = torch.Generator().manual_seed(2)
+    with torch.inference_mode():
+        conv = torch.nn.Conv2d(16, 24, 3, padding=1).to(torch.bfloat16)
+        plain = torch.nn.Conv2d(16, 24, 3, padding=1).to(torch.bfloat16)
+        plain.load_state_dict(conv.state_dict())
+        cpu_pack.pack_convolutions(conv)
+        x = torch.randn((2, 16, 6, 6), generator=g).to(torch.bfloat16)
+        assert torch.equal(conv(x), plain(x))
+        conv.weight = torch.nn.Parameter(torch.randn_like(conv.weight), requires_grad=False)
+        plain.weight = torch.nn.Parameter(conv.weight.clone(), requires_grad=False)
+        assert torch.equal(conv(x), plain(x))
+
+
 def test_a_bf16_cpu_model_runs_packed_and_edits_the_same_picture(tiny_folder):
     _, packed = _load(tiny_folder)
     assert _packed(packed.components.unet)
