@@ -120,6 +120,7 @@ def speed_section(args) -> dict:
         img = torch.rand(1, args.resolution, args.resolution, 3, generator=torch.Generator().manual_seed(0))
         common = dict(steps=args.steps, text_guidance=7.5, image_guidance=1.5)
         rows = []
+        floors = {}
 
         # Anchor: diffusers' own pipeline, fp32 (its default), same scheduler and settings.
         from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
@@ -169,8 +170,19 @@ def speed_section(args) -> dict:
                 inp = inp.contiguous(memory_format=torch.channels_last)
             emb = torch.randn(3, 77, c.text_encoder.config.hidden_size, dtype=c.precision.unet)
             floor = timed(lambda: c.unet(inp, 500, encoder_hidden_states=emb), args.repeats)
+            # VAE floor: the input encoded once and the result decoded once, the module calls alone.
+            pixels = x.to(c.precision.vae) * 2 - 1
+            z = torch.randn(1, 4, lat, lat, dtype=c.precision.vae)
+            with torch.inference_mode():
+                vae_floor = timed(lambda: (c.vae.encode(pixels).latent_dist.mode(), c.vae.decode(z).sample),
+                                  args.repeats)
             rows.append((f"  UNet floor: steps x batch-of-3 forward ({resolved.name})", floor * args.steps))
-            rows.append((f"  everything else: VAE, scheduler, Python ({resolved.name})", t - floor * args.steps))
+            rows.append((f"  VAE floor: one encode + one decode ({resolved.name})", vae_floor))
+            rows.append((f"  everything else: scheduler, guidance, Python ({resolved.name})",
+                         t - floor * args.steps - vae_floor))
+            floors[resolved.name] = {"edit_seconds": t, "unet_floor_seconds": floor * args.steps,
+                                     "vae_floor_seconds": vae_floor,
+                                     "edit_vs_unet_vae_floor": t / (floor * args.steps + vae_floor)}
             del cache, model
 
     print(f"\nmodel={args.model} resolution={args.resolution} steps={args.steps} threads={torch.get_num_threads()}")
@@ -183,7 +195,10 @@ def speed_section(args) -> dict:
         else:
             share, ratio = f"{100 * secs / total:5.0f}%", ""
         print(f"{name:58s} {secs:9.3f} {secs / args.steps:8.3f} {share:>6s} {ratio:>10s}")
-    return {"model": args.model, "resolution": args.resolution, "steps": args.steps,
+    for name, f in floors.items():
+        # Issue 10's floor: what the UNet and the VAE alone would take; the rest is ours to shave.
+        print(f"edit / (UNet + VAE floor), {name}: {f['edit_vs_unet_vae_floor']:.3f}x")
+    return {"floors": floors, "model": args.model, "resolution": args.resolution, "steps": args.steps,
             "threads": torch.get_num_threads(), "anchor_seconds": anchor,
             "rows": [{"what": name.strip(), "seconds": secs, "vs_anchor": anchor / secs} for name, secs in rows]}
 
