@@ -119,6 +119,18 @@ class ComfyResidency(Residency):
         # Already-loaded modules cost nothing here; unloaded ones are moved back, evicting others if needed.
         mm.load_models_gpu([handle[n] for n in names], memory_required=memory_required, force_full_load=True)
 
+    def offload(self, components: IP2PComponents, handle: Any, names: tuple[str, ...]) -> None:
+        # Low-VRAM mode: nothing to move by hand. Each load() asks ComfyUI for the room it needs, and its manager
+        # evicts the modules an edit is done with (ours are its models) only if that room is short.
+        pass
+
+    def free_memory(self, device: torch.device) -> int | None:
+        return mm.get_free_memory(device)
+
+    def low_vram_forced(self) -> bool:
+        # ComfyUI started with --lowvram / --novram (or set so for a small card) streams its own models too.
+        return mm.vram_state in (mm.VRAMState.LOW_VRAM, mm.VRAMState.NO_VRAM)
+
     def allows_release(self) -> bool:
         # ComfyUI's manager holds the text encoders (their patchers move them); it offloads them itself.
         return False

@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "more per edit); keep = everything stays; auto = free the text encoder after encoding when "
                         "the machine has less memory available than the model's size. Diffusers folders only; "
                         "other models keep everything")
+    e.add_argument("--vram", choices=limits.VRAM_MODES, default="auto",
+                   help="device memory: low = one model part on the GPU at a time, the UNet one batch row at a time "
+                        "and the VAE in tiles (small GPUs, for more time); normal = all on the GPU; auto = low when "
+                        "the GPU has too little free memory for a normal edit (never on a CPU: see --memory)")
     e.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:1, mps or xpu (default: the best available, "
                         f"here {_default_device()})")
@@ -304,7 +308,7 @@ def check_sampler_args(args: argparse.Namespace, check_device_here: bool = True)
         image_guidance=limits.IMAGE_GUIDANCE.default if image_guidance is None else image_guidance,
         scheduler=args.scheduler, feather=args.feather, denoise=args.denoise,
         working_resolution=args.working_resolution or None, crop_to_mask=args.crop_to_mask,
-        speed="fast" if args.fast else "quality", fast_interval=args.fast_interval,
+        speed="fast" if args.fast else "quality", fast_interval=args.fast_interval, vram=args.vram,
     ).checked()
     device = check_device(args.device) if check_device_here or args.device is None else check_device_name(args.device)
     precision = args.precision
@@ -383,7 +387,8 @@ def run_edit(args: argparse.Namespace) -> list[Path]:
     result = edit(model, cond, job.image, job.plan, steps=s.steps, text_guidance=job.guidance[0],
                   image_guidance=job.guidance[1], scheduler=s.scheduler, progress=_progress_bar("editing"),
                   mask=job.mask, feather=s.feather, crop_to_mask=s.crop_to_mask, denoise=s.denoise,
-                  working_resolution=s.working_resolution, speed=s.speed, fast_interval=s.fast_interval)
+                  working_resolution=s.working_resolution, speed=s.speed, fast_interval=s.fast_interval,
+                  vram=s.vram)
     if args.pick_best:
         return [write_best(job, args, result)]
     paths = []

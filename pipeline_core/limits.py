@@ -47,6 +47,9 @@ CONTROL_END = Range(0.0, 1.0, 1.0, 0.01)
 # SD1.5 UNet keeps far more of its work outside the cached path and may take more (DeepCache runs it at 3-5).
 SPEEDS = ("quality", "fast")
 FAST_INTERVAL = Range(1, 10, 2)
+# Device memory: "low" keeps one model part on the device at a time, runs the UNet one row at a time and the VAE
+# in tiles (pipeline_core/editing/vram.py); "auto" picks it when the device reports too little free memory.
+VRAM_MODES = ("auto", "normal", "low")
 
 # Working resolution: the side of the square whose area the model edits at (0 = the model's own).
 WORKING_RESOLUTION = Range(64, 4096, 0, 64)

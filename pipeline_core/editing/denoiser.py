@@ -48,21 +48,29 @@ class Denoiser:
     ``fast_interval``: fast mode (see :mod:`.step_cache`), the whole UNet on one call of every ``fast_interval``
     and its shallow branch on cached deep features in between; None runs the whole UNet on every call.
     ``steps``: the number of calls the sampler will make, so fast mode runs the last one whole.
+    ``unet_rows``: at most this many batch rows (passes x items) per UNet call, None: all at once. Low-VRAM mode
+    runs one row at a time (:mod:`.vram`); in fast mode each group of rows keeps its own step cache.
     """
 
     def __init__(self, model: CachedModel, cond: Conditioning, image_latents: torch.Tensor,
                  s_t: float | Sequence[float], s_i: float | Sequence[float],
                  time_ids: torch.Tensor | None = None, controls: Sequence[BatchControl] = (),
-                 fast_interval: int | None = None, steps: int | None = None):
+                 fast_interval: int | None = None, steps: int | None = None, unet_rows: int | None = None):
         c = model.components
         self.unet = c.unet
-        # A new cache per Denoiser, i.e. per batch: kept features never cross batches or edits.
-        self.step_cache = None if fast_interval is None else StepCache(c.unet, fast_interval, steps)
-        self.run_unet = self.unet if self.step_cache is None else self.step_cache
         self.dtype = c.precision.unet
         n = len(image_latents)
         device = c.device
         self.s_t, self.s_i, self.passes = per_item_scales(s_t, s_i, n, device)
+        rows = n * len(self.passes)
+        step = rows if unet_rows is None else max(1, min(int(unet_rows), rows))
+        self.row_groups = [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+        # A new cache per Denoiser (i.e. per batch) and per group of rows: kept features never cross batches,
+        # edits or rows.
+        self.run_unets = [self.unet if fast_interval is None else StepCache(c.unet, fast_interval, steps)
+                          for _ in self.row_groups]
+        self.step_cache = None if fast_interval is None else self.run_unets[0]
+        self.run_unet = self.run_unets[0]
         img = image_latents.to(device, torch.float32) * c.spec.image_latent_scale(c)
         pass_images = {guidance.TEXT: img, guidance.IMAGE: img, guidance.UNCOND: torch.zeros_like(img)}
         self.cond_images = torch.cat([pass_images[p] for p in self.passes])
@@ -109,7 +117,26 @@ class Denoiser:
             ])
             kwargs["down_block_additional_residuals"] = down
             kwargs["mid_block_additional_residual"] = mid
-        out = self.run_unet(unet_in, t, encoder_hidden_states=self.encoder_states, return_dict=False, **kwargs)[0]
+        if len(self.row_groups) == 1:
+            out = self.run_unet(unet_in, t, encoder_hidden_states=self.encoder_states, return_dict=False,
+                                **kwargs)[0]
+        else:
+            out = torch.cat([run(unet_in[rows], t, encoder_hidden_states=self.encoder_states[rows], return_dict=False,
+                                 **_rows_of(kwargs, rows))[0]
+                             for run, rows in zip(self.run_unets, self.row_groups)])
         predictions = dict(zip(self.passes, out.float().chunk(len(self.passes))))
         # Guidance is linear in the prediction, so it is the same for eps, v and x0 predictions.
         return guidance.combine(predictions, self.s_t, self.s_i)
+
+
+def _rows_of(kwargs: dict, rows: slice) -> dict:
+    """The UNet's extra inputs (SDXL's added conditions, ControlNet residuals) for some rows of its batch."""
+    out = {}
+    for key, value in kwargs.items():
+        if isinstance(value, dict):
+            out[key] = {k: v[rows] for k, v in value.items()}
+        elif isinstance(value, (list, tuple)):
+            out[key] = [v[rows] for v in value]
+        else:
+            out[key] = value[rows]
+    return out

@@ -15,7 +15,7 @@ that keep the unmasked pixels bit for bit, edit strength, progress on every step
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -35,6 +35,7 @@ from .seeds import PlanItem, SeedPlan
 from .settings import EditSettings, plan_items
 from .step_cache import check_cacheable
 from .vae import decode_latents, encode_images
+from .vram import unet_activation_bytes, use_low_vram
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +73,6 @@ class Batch:
     text_guidance: tuple[float, ...]  # per job
     image_guidance: tuple[float, ...]
     jobs: tuple[int, ...]  # indices into the job list
-
-
-def unet_activation_bytes(model: CachedModel, latent_area: int, batch: int) -> int:
-    """Rough peak activation memory of one UNet call, for ComfyUI's memory manager to make room.
-
-    Same heuristic ComfyUI uses for its own SD UNets (``BaseModel.memory_required``: 0.6/50 MiB per latent
-    pixel and byte of dtype), so our runs and native ones compete for memory on the same terms.
-    """
-    dtype_bytes = torch.finfo(model.components.precision.unet).bits // 8
-    return int(batch * latent_area * dtype_bytes * 0.6 / 50 * 1024 * 1024)
 
 
 def make_regions(model: CachedModel, images: torch.Tensor, masks: torch.Tensor | None,
@@ -164,7 +155,8 @@ def sample_batch(model: CachedModel, cond: Conditioning, batch: Batch, jobs: lis
         time_ids = torch.cat(ids)
     denoiser = Denoiser(model, cond, latents, batch.text_guidance, batch.image_guidance, time_ids,
                         batch_controls(model, cond, pictures, regions), fast_interval=settings.cache_interval,
-                        steps=strength_steps(settings.steps, settings.denoise))
+                        steps=strength_steps(settings.steps, settings.denoise),
+                        unet_rows=1 if settings.vram == "low" else None)
     lmask = None
     batch_regions = [regions[b] for b in pictures]
     if any(r.latent_mask is not None for r in batch_regions):
@@ -200,7 +192,7 @@ def finish(model: CachedModel, regions: list[Region], image_latents: list[torch.
             out_latents.append(image_latents[b][0])
             continue
         unscaled = results[j] / c.scaling_factor
-        low = decode_latents(model, unscaled[None], region.size.content)
+        low = decode_latents(model, unscaled[None], region.size.content, tiled=settings.vram == "low")
         out_images.append(region.finish(low))
         out_latents.append(unscaled)
     if any(not r.whole for r in regions):
@@ -209,7 +201,9 @@ def finish(model: CachedModel, regions: list[Region], image_latents: list[torch.
             *size, c.working_resolution, settings.working_resolution, settings.max_side, settings.upscale_small,
             c.vae_scale_factor,
         ).content
-        out_latents = [encode_images(model, resolution.resize_image(im[None], whole))[0][0] for im in out_images]
+        tiled = settings.vram == "low"
+        out_latents = [encode_images(model, resolution.resize_image(im[None], whole), tiled=tiled)[0][0]
+                       for im in out_images]
     return torch.stack(out_images), torch.stack(out_latents)
 
 
@@ -249,6 +243,7 @@ def edit(
     check_cancel: CancelCheck | None = None,
     speed: str = "quality",
     fast_interval: int = int(limits.FAST_INTERVAL.default),
+    vram: str = "auto",
 ) -> EditResult:
     """Edit every image of the IMAGE batch ``images`` with every item of ``plan``.
 
@@ -283,6 +278,10 @@ def edit(
     and on the last, only its shallowest blocks on the others, reusing the deep features of the last full step —
     fewer seconds per edit for a slightly different picture. Each batch has its own cache. Interval 1 is quality.
 
+    ``vram``: ``"normal"`` keeps the model's parts on the device; ``"low"`` fits small GPUs for more time (one
+    part on the device at a time, the UNet one batch row at a time, the VAE in tiles: see :mod:`.vram`);
+    ``"auto"`` (default) picks low on an accelerator with too little free memory, never on a CPU.
+
     ``check_cancel``: called before every step and before each block of every UNet and VAE call (see
     :mod:`.cancel`); raising there stops the edit within a fraction of a UNet call, and the model stays as it
     was, so the next edit gives the same picture as if this one had never started.
@@ -295,7 +294,7 @@ def edit(
         image_guidance=default_image if image_guidance is None else image_guidance, scheduler=scheduler,
         max_batch=max_batch, feather=feather, denoise=denoise, working_resolution=working_resolution,
         max_side=max_side, upscale_small=upscale_small, restore_detail=restore_detail, crop_to_mask=crop_to_mask,
-        crop_padding=crop_padding, speed=speed, fast_interval=fast_interval,
+        crop_padding=crop_padding, speed=speed, fast_interval=fast_interval, vram=vram,
     ).checked()
     items = plan_items(plan)
     guidances = [settings.guidance_for(it) for it in items]
@@ -314,15 +313,25 @@ def edit(
     regions = make_regions(model, images, masks, settings)
     largest = max((r.size.latent[0] * r.size.latent[1] for r in regions), default=0)
     passes = max(len(guidance.required_passes(s_t, s_i)) for s_t, s_i in guidances)
-    model.ensure_loaded("unet", "vae",
-                        memory_required=unet_activation_bytes(model, largest, passes * settings.max_batch))
+    low_vram = use_low_vram(model, settings.vram, largest, passes * settings.max_batch)
+    settings = replace(settings, vram="low" if low_vram else "normal")
+    if low_vram:
+        # One part on the device at a time (see .vram): the UNet comes when the VAE has encoded.
+        model.offload(*(name for name in c.modules() if name.startswith("text_encoder")), "unet")
+        model.ensure_loaded("vae")
+    else:
+        model.ensure_loaded("unet", "vae",
+                            memory_required=unet_activation_bytes(model, largest, passes * settings.max_batch))
     with cancel_points(checked_blocks(c.unet, c.vae), check_cancel):
-        image_latents = [encode_images(model, r.low)[0] for r in regions]
+        image_latents = [encode_images(model, r.low, tiled=low_vram)[0] for r in regions]
         # The VAE encoder's and then the UNet's activations are freed into the C heap, where they stay resident
         # (fragmented) under the next phase's: handing them back between phases took 0.1-0.15 GB off a CPU
         # edit's peak (SD1.5, bf16, 256 px; benchmarks/peak_memory.py). A fraction of a millisecond each.
         model.done_with("vae")  # low memory mode: one module in memory at a time (models/releasing.py)
         return_memory_to_os(collect=False)
+        if low_vram:
+            model.offload("vae")
+            model.ensure_loaded("unet", memory_required=unet_activation_bytes(model, largest, 1))
         jobs, batches = plan_batches(regions, [tuple(z.shape) for z in image_latents], guidances,
                                      settings.max_batch)
 
@@ -345,6 +354,8 @@ def edit(
                 results[j] = lat.float().cpu()
         model.done_with("unet")
         return_memory_to_os(collect=False)
+        if low_vram:
+            model.offload("unet")
         out_images, out_latents = finish(model, regions, image_latents, jobs, results, settings, (height, width))
         model.done_with("vae")
     return EditResult(out_images, out_latents, [(b, items[k]) for b, k in jobs])

@@ -38,6 +38,15 @@ def check_speed(speed) -> str:
     return speed
 
 
+def check_vram(vram) -> str:
+    if not isinstance(vram, str) or vram not in limits.VRAM_MODES:
+        raise InputError(
+            f"vram must be one of {', '.join(limits.VRAM_MODES)}, got {vram!r}: low keeps one model part on the "
+            "device at a time (for small GPUs), normal keeps them all, auto picks low when free memory is short"
+        )
+    return vram
+
+
 def _optional_size(value, name: str, low: int, high: int) -> int | None:
     if value in (None, 0):
         return None
@@ -67,6 +76,7 @@ class EditSettings:
     crop_padding: int | None = None  # None: automatic
     speed: str = "quality"  # a name of limits.SPEEDS
     fast_interval: int = int(limits.FAST_INTERVAL.default)  # fast mode: one full UNet step of every this many
+    vram: str = "auto"  # a name of limits.VRAM_MODES
 
     @property
     def cache_interval(self) -> int | None:
@@ -100,6 +110,7 @@ class EditSettings:
             speed=check_speed(self.speed),
             fast_interval=check_int(self.fast_interval, "fast interval", limits.FAST_INTERVAL,
                                     " (2 is the default; 1 runs the whole UNet every step, as quality does)"),
+            vram=check_vram(self.vram),
         )
 
     def guidance_for(self, item: PlanItem) -> tuple[float, float]:

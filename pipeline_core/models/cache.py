@@ -77,6 +77,26 @@ class Residency:
             if next(module.parameters()).device != components.device:
                 module.to(components.device)
 
+    def offload(self, components: IP2PComponents, handle: Any, names: tuple[str, ...]) -> None:
+        """Move the named modules off an accelerator while an edit does not need them (low-VRAM mode): to the
+        CPU, where the next :meth:`load` finds them (diffusers' model CPU offload)."""
+        if components.device.type == "cpu":
+            return
+        for name in names:
+            module = components.modules()[name]
+            if next(module.parameters()).device == components.device:
+                module.to("cpu")
+
+    def free_memory(self, device: torch.device) -> int | None:
+        """Free memory on ``device`` in bytes, for low-VRAM mode's ``auto``; None where it is not known."""
+        if device.type == "cuda" and torch.cuda.is_available():
+            return torch.cuda.mem_get_info(device)[0]
+        return None
+
+    def low_vram_forced(self) -> bool:
+        """Whether every edit must run in low-VRAM mode (a manager set to it)."""
+        return False
+
     def release(self, handle: Any) -> None:
         """Called when the cache drops the model."""
 
@@ -174,6 +194,10 @@ class CachedModel:
         self.residency.load(self.components, self.handle, names, memory_required)
         if any(name != "vae" for name in names):
             self._lora_state.activate(self.loras, self.components)
+
+    def offload(self, *names: str) -> None:
+        """Low-VRAM mode: ``names`` leave the device until the next :meth:`ensure_loaded` asks for them."""
+        self.residency.offload(self.components, self.handle, tuple(n for n in names if n in self.components.modules()))
 
     def done_with(self, *names: str) -> None:
         """An edit no longer needs ``names`` (``unet``, ``vae``): in low memory mode they leave memory now."""

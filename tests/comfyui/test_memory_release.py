@@ -82,3 +82,21 @@ def test_the_hook_is_installed_once_however_often_the_pack_is_set_up(pack):
     extension.setup()
     assert execution.PromptExecutor.reset is hooked
     assert hooked.__wrapped__ is not None and not hasattr(hooked.__wrapped__, memory._HOOKED)
+
+
+
+def test_low_vram_mode_follows_comfyuis_own_state_and_free_memory(pack, monkeypatch):
+    from ip2p_nodes.pipeline_core.editing import vram
+
+    residency = MODEL_CACHE.residency
+    device = mm.get_torch_device()
+    assert residency.free_memory(device) == mm.get_free_memory(device)
+    assert not residency.low_vram_forced()
+    normal = edit_toy()
+    monkeypatch.setattr(mm, "vram_state", mm.VRAMState.LOW_VRAM)  # what `python main.py --lowvram` sets
+    assert residency.low_vram_forced()
+    model = MODEL_CACHE.get(IP2PModelLoader.execute(TOY_MODEL_CHOICE, "", "fp32")[0])
+    assert vram.use_low_vram(model, "low", 16, 3) and not vram.use_low_vram(model, "normal", 16, 3)
+    # On a CPU device the sampler stays in normal mode (RAM is not VRAM): the same picture as before.
+    assert not vram.use_low_vram(model, "auto", 16, 3)
+    assert torch.equal(edit_toy(), normal)
