@@ -29,22 +29,20 @@ def check_strength(strength: float) -> float:
     return float(strength)
 
 
+def _check_choice(value, name: str, choices: tuple[str, ...], meaning: str) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise InputError(f"{name} must be one of {', '.join(choices)}, got {value!r}: {meaning}")
+    return value
+
+
 def check_speed(speed) -> str:
-    if not isinstance(speed, str) or speed not in limits.SPEEDS:
-        raise InputError(
-            f"speed must be one of {', '.join(limits.SPEEDS)}, got {speed!r}: quality runs the whole model on every "
-            "step; fast reuses its deep features across steps for a faster, slightly different edit"
-        )
-    return speed
+    return _check_choice(speed, "speed", limits.SPEEDS, "quality runs the whole model on every step; fast reuses "
+                         "its deep features across steps for a faster, slightly different edit")
 
 
 def check_vram(vram) -> str:
-    if not isinstance(vram, str) or vram not in limits.VRAM_MODES:
-        raise InputError(
-            f"vram must be one of {', '.join(limits.VRAM_MODES)}, got {vram!r}: low keeps one model part on the "
-            "device at a time (for small GPUs), normal keeps them all, auto picks low when free memory is short"
-        )
-    return vram
+    return _check_choice(vram, "vram", limits.VRAM_MODES, "low keeps one model part on the device at a time (for "
+                         "small GPUs), normal keeps them all, auto picks low when free memory is short")
 
 
 def _optional_size(value, name: str, low: int, high: int) -> int | None:
