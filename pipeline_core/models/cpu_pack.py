@@ -66,12 +66,15 @@ def _packed_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     # A weak reference, not id(): a freed weight's id and address can be reused by the next one.
     version = None if w.is_inference() else w._version
     packed = self.__dict__.get("_ip2p_packed")
-    if packed is None or packed[0]() is not w or packed[1] != version:
+    # oneDNN picks the packed layout for the input's shape: a weight packed for one edit's 3 rows and used on a
+    # sweep's 36 is repacked once for them.
+    shape = tuple(x.shape)
+    if packed is None or packed[0]() is not w or packed[1] != version or packed[2] != shape:
         weight = torch.ops.mkldnn._reorder_convolution_weight(
-            w, list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape))
-        packed = self.__dict__["_ip2p_packed"] = (weakref.ref(w), version, weight)
+            w, list(self.padding), list(self.stride), list(self.dilation), self.groups, list(shape))
+        packed = self.__dict__["_ip2p_packed"] = (weakref.ref(w), version, shape, weight)
     return torch.ops.mkldnn._convolution_pointwise(
-        x, packed[2], self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
+        x, packed[3], self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
         "none", [], "")
 
 

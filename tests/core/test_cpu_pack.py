@@ -28,7 +28,7 @@ def test_a_packed_convolution_gives_exactly_the_plain_one(channels_last):
     plain = torch.nn.Conv2d(32, 48, 3, padding=1, stride=2).to(torch.bfloat16)
     plain.load_state_dict(conv.state_dict())
     assert cpu_pack.pack_convolutions(conv) == 1 and cpu_pack.pack_convolutions(conv) == 0  # idempotent
-    for shape in ((3, 32, 8, 8), (5, 32, 13, 9)):  # packed at the first shape, used at others too
+    for shape in ((3, 32, 8, 8), (5, 32, 13, 9)):  # packed again for each new input shape
         x = torch.randn(shape, generator=g).to(torch.bfloat16)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
