@@ -20,6 +20,7 @@ from .filtering import PAPER_MIN_DIRECTION, PAPER_MIN_IMAGE
 SHARED_OPTIONS = (
     "model", "negative", "text_guidance", "image_guidance", "steps", "seed", "scheduler", "precision", "device",
     "feather", "crop_to_mask", "denoise", "working_resolution", "lora", "tokenizer_dir", "fast", "fast_interval",
+    "vram",
 )
 ENGINES = ("local", "ray")
 

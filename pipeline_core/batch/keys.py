@@ -107,8 +107,9 @@ def settings_fingerprint(settings: EditSettings, negative: str, precision: str, 
     differently); its index does not."""
     fields = asdict(settings)
     # Guidance is per row (the row's own or the command line's, see :func:`row_key`); max_batch never changes an
-    # item (each has its own generator, and a batch job edits one row per call anyway).
-    for name in ("text_guidance", "image_guidance", "max_batch"):
+    # item (each has its own generator, and a batch job edits one row per call anyway); vram only moves parts
+    # between memories (the same picture within 1e-3), so stores written before it existed keep their keys.
+    for name in ("text_guidance", "image_guidance", "max_batch", "vram"):
         fields.pop(name)
     if settings.speed == "quality":
         # Quality is what every store written before fast mode existed holds: its rows keep their keys.

@@ -110,7 +110,7 @@ def _edit(model, spec: JobSpec, task: Task) -> Outcome:
     result = edit(model, cond, image, SeedPlan((PlanItem(task.seed),)), steps=s.steps, text_guidance=text_guidance,
                   image_guidance=image_guidance, scheduler=s.scheduler, max_batch=1, mask=mask, feather=s.feather,
                   crop_to_mask=s.crop_to_mask, denoise=s.denoise, working_resolution=s.working_resolution,
-                  speed=s.speed, fast_interval=s.fast_interval)
+                  speed=s.speed, fast_interval=s.fast_interval, vram=s.vram)
     return Outcome(task.number, task.key, png_bytes(result.images[0]), text_guidance, image_guidance)
 
 

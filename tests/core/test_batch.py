@@ -70,7 +70,7 @@ def test_a_folder_with_an_instructions_file_gives_every_picture_each_edit_as_the
     assert len({(out / r["edited"]).read_bytes() for r in rows}) == 4  # four different edits
 
 
-def test_a_rerun_with_nothing_changed_loads_no_model_and_a_changed_seed_redoes_only_that_row(
+def test_a_rerun_with_nothing_changed_or_only_vram_loads_no_model_and_a_changed_seed_redoes_only_that_row(
         tmp_path, monkeypatch, loads):
     pictures = write_pictures(tmp_path / "in", 3)
     rows = mixed_rows(pictures, 6, tmp_path)
@@ -83,6 +83,8 @@ def test_a_rerun_with_nothing_changed_loads_no_model_and_a_changed_seed_redoes_o
     with monkeypatch.context() as m:
         m.setattr(ModelCache, "get", lambda self, key: pytest.fail("a finished job loaded the model again"))
         assert _batch(manifest, "--out", out) == 0
+        # --vram only moves model parts between memories (the same picture): no row is redone for it.
+        assert _batch(manifest, "--out", out, "--vram", "low") == 0
     assert results(out) == first and len(loads) == 6
 
     rows[2]["seed"] += 1
