@@ -2,18 +2,19 @@
 
     python benchmarks/speed.py --model full --resolution 256 --steps 4
 
-``full`` builds the real SD1.5-IP2P architecture (860 M-parameter UNet) with random weights: speed does not
-depend on the weights' values, and nothing is downloaded. ``tiny`` is the test model (seconds, for a smoke run).
-Prints seconds per edit, seconds per step, ratios against the anchor, and the UNet floor (how much of a step
-is spent outside the UNet); then (``--sections memory``, full model) the peak memory of fresh processes doing
-load + one edit, ours against diffusers' (benchmarks/peak_memory.py). ``--sections fast``: our fp32 edit in
-fast mode (the step cache, ``--fast-interval``) against the same edit in quality mode, with the UNet's
+``full`` builds the real SD1.5-IP2P architecture (860 M-parameter UNet) with random weights: speed does not depend
+on the weights' values, and nothing is downloaded. ``sdxl`` builds the real SDXL-IP2P architecture the same way (2.6
+B-parameter UNet, CLIP-L and CLIP-G; about 14 GB in fp32) against diffusers' SDXL pipeline. ``tiny`` is the test
+model (seconds, for a smoke run). Prints seconds per edit, seconds per step, ratios against the anchor, and the UNet
+floor (how much of a step is spent outside the UNet); then (``--sections memory``, full model) the peak memory of
+fresh processes doing load + one edit, ours against diffusers' (benchmarks/peak_memory.py). ``--sections fast``: our
+fp32 edit in fast mode (the step cache, ``--fast-interval``) against the same edit in quality mode, with the UNet's
 middle-block calls counted. ``--sections levers``: one UNet call (the 3 guidance passes) with each CPU speed lever
 of issue 10 against the plain fp32 call — the classic attention against PyTorch's SDPA (diffusers' default),
 channels_last, ``torch.compile`` (inductor; its compile time printed apart), and in bf16 the convolutions on
 prepacked weights (``pipeline_core/models/cpu_pack.py``) — so each lever is kept or rejected on a figure.
-``--sections sweep``: a 4-seed x 3-guidance plan as one call against 12 single edits. ``--json PATH`` writes
-every figure.
+``--sections sweep``: a 4-seed x 3-guidance plan as one call against 12 single edits. ``--json PATH`` writes every
+figure.
 
     python benchmarks/speed.py --model full --resolution 256 --steps 20 --sections fast
 """
@@ -37,29 +38,81 @@ from ip2p_nodes.pipeline_core.models.components import IP2PComponents
 from ip2p_nodes.pipeline_core.models.families import get as get_family
 from ip2p_nodes.pipeline_core.models.loading import CONFIG_DIR
 from ip2p_nodes.pipeline_core.models.precision import resolve_precision
-from ip2p_nodes.pipeline_core.training.byte_tokenizer import write_byte_level_tokenizer
+
+FAMILY_OF = {"full": "sd15", "sdxl": "sdxl", "tiny": "sd15"}
 
 
-def build_modules(kind: str, tmp: Path):
+def build_modules(kind: str, tmp: Path) -> tuple[dict, dict]:
+    """(modules by role, scheduler config) of the benchmark's model: ``full`` SD1.5-IP2P, ``sdxl`` SDXL-IP2P (2.6 B
+    UNet, CLIP-L + CLIP-G), both at real size from the pack's configs with random weights; ``tiny`` the tests'."""
+    import sys
+
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the shared test support package
+    from support import tiny_sdxl
+
+    family = FAMILY_OF[kind]
     if kind == "tiny":
-        import sys
-
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the shared test support package
         from support import tiny_models
 
         unet, vae, te, _ = tiny_models.make_components()
+        modules = {"unet": unet, "vae": vae, "text_encoder": te}
     else:
-        cfg = {n: json.loads((CONFIG_DIR / "sd15" / f"{n}.json").read_text()) for n in ("unet", "vae", "text_encoder")}
+        names = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if family == "sdxl" else ())
+        cfg = {n: json.loads((CONFIG_DIR / family / f"{n}.json").read_text()) for n in names}
         torch.manual_seed(0)
-        unet = UNet2DConditionModel.from_config(cfg["unet"])
-        vae = AutoencoderKL.from_config(cfg["vae"])
-        te = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
-    tok = write_byte_level_tokenizer(tmp / "tok")
-    sched = json.loads((CONFIG_DIR / "sd15" / "scheduler.json").read_text())
-    return unet.eval(), vae.eval(), te.eval(), tok, sched
+        modules = {"unet": UNet2DConditionModel.from_config(cfg["unet"]), "vae": AutoencoderKL.from_config(cfg["vae"]),
+                   "text_encoder": CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))}
+        if family == "sdxl":
+            modules["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"]))
+    modules = {role: m.eval() for role, m in modules.items()}
+    # The byte-level tokenizer (nothing downloaded); SDXL's second one pads with id 0, as the real one does.
+    modules["tokenizer"], tokenizer_2 = tiny_sdxl.write_tokenizers(tmp / "tok")
+    if family == "sdxl":
+        modules["tokenizer_2"] = tokenizer_2
+    sched = json.loads((CONFIG_DIR / family / "scheduler.json").read_text())
+    return modules, sched
+
+
+def anchor_pipeline(kind: str, modules: dict, sched: dict):
+    """diffusers' own InstructPix2Pix pipeline of the family on the same modules, fp32 (its default), with the
+    family's scheduler; returns a function doing one edit of ``x`` (1, 3, H, W) in [0, 1]."""
+    import diffusers
+
+    scheduler = getattr(diffusers, sched["_class_name"]).from_config(sched)
+    if FAMILY_OF[kind] == "sdxl":
+        pipe = diffusers.StableDiffusionXLInstructPix2PixPipeline(scheduler=scheduler, add_watermarker=False,
+                                                                   **modules)
+    else:
+        pipe = diffusers.StableDiffusionInstructPix2PixPipeline(
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            **modules)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(x, steps):
+        # SDXL's pipeline edits at 1024² unless told the size; SD1.5's takes the picture's.
+        size = {"height": x.shape[2], "width": x.shape[3]} if FAMILY_OF[kind] == "sdxl" else {}
+        pipe("make it winter", image=x, num_inference_steps=steps, guidance_scale=7.5, image_guidance_scale=1.5,
+             generator=torch.Generator().manual_seed(0), output_type="pt", **size)
+
+    return run
+
+
+def unet_floor_inputs(unet, batch: int, lat: int, dtype: torch.dtype, channels_last: bool) -> dict:
+    """Random inputs of one UNet call on ``batch`` rows (SDXL's pooled text and size ids included)."""
+    cfg = unet.config
+    sample = torch.randn(batch, cfg.in_channels, lat, lat, dtype=dtype)
+    if channels_last:
+        sample = sample.contiguous(memory_format=torch.channels_last)
+    kwargs = {"sample": sample, "timestep": 500,
+              "encoder_hidden_states": torch.randn(batch, 77, cfg.cross_attention_dim, dtype=dtype)}
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled, dtype=dtype),
+                                       "time_ids": torch.full((batch, 6), float(lat * 8), dtype=dtype)}
+    return kwargs
 
 
 def timed(fn, repeats: int) -> float:
@@ -80,7 +133,8 @@ def timed(fn, repeats: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=("full", "tiny"), default="full")
+    p.add_argument("--model", choices=tuple(FAMILY_OF), default="full",
+                   help="full: SD1.5-IP2P; sdxl: SDXL-IP2P (about 14 GB in fp32: the speed section); tiny: a smoke run")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
@@ -116,41 +170,28 @@ def main() -> None:
 def speed_section(args) -> dict:
     """Seconds per edit of diffusers' pipeline and ours in this process; prints the table, returns the figures."""
     with tempfile.TemporaryDirectory() as tmp:
-        unet, vae, te, tok, sched = build_modules(args.model, Path(tmp))
+        modules, sched = build_modules(args.model, Path(tmp))
+        family = get_family(FAMILY_OF[args.model])
         img = torch.rand(1, args.resolution, args.resolution, 3, generator=torch.Generator().manual_seed(0))
+        x = img.permute(0, 3, 1, 2)
         common = dict(steps=args.steps, text_guidance=7.5, image_guidance=1.5)
         rows = []
         floors = {}
 
-        # Anchor: diffusers' own pipeline, fp32 (its default), same scheduler and settings.
-        from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
-
-        pipe = StableDiffusionInstructPix2PixPipeline(
-            vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
-            scheduler=EulerAncestralDiscreteScheduler.from_config(sched),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-        pipe.set_progress_bar_config(disable=True)
-        x = img.permute(0, 3, 1, 2)
-
-        def run_diffusers():
-            pipe("make it winter", image=x, num_inference_steps=args.steps, guidance_scale=7.5,
-                 image_guidance_scale=1.5, generator=torch.Generator().manual_seed(0), output_type="pt")
-
-        anchor = timed(run_diffusers, args.repeats)
+        # Anchor: diffusers' own pipeline, fp32 (its default), same scheduler and settings; measured first, so
+        # ours can then take the very same modules (fp32 as they are, "auto" cast in place, last): no second
+        # copy of the weights, which SDXL in fp32 (14 GB) could not afford.
+        run_diffusers = anchor_pipeline(args.model, modules, sched)
+        anchor = timed(functools.partial(run_diffusers, x, args.steps), args.repeats)
         rows.append(("diffusers pipeline fp32 (anchor)", anchor))
+        del run_diffusers
 
         for precision in ("fp32", "auto"):
             resolved = resolve_precision(precision, "cpu")
             src = ModelSource("diffusers", f"in-memory-{args.model}")
 
-            def loader(source, prec, device, place, resolved=resolved):
-                # Deep copies keep the anchor's fp32 modules untouched while ours are cast.
-                import copy
-
-                modules = {"unet": copy.deepcopy(unet), "vae": copy.deepcopy(vae), "text_encoder": copy.deepcopy(te),
-                           "tokenizer": tok}
-                return get_family("sd15").assemble(modules, sched, prec, torch.device(device), source)
+            def loader(source, prec, device, place):
+                return family.assemble(dict(modules), sched, prec, torch.device(device), source)
 
             cache = ModelCache(loader=loader)
             model = cache.get(cache.key_for(src, precision, "cpu"))
@@ -165,11 +206,8 @@ def speed_section(args) -> dict:
             # UNet floor: one batch-of-3 forward at this precision.
             c = model.components
             lat = args.resolution // 8
-            inp = torch.randn(3, 8, lat, lat, dtype=c.precision.unet)
-            if c.precision.unet == torch.bfloat16:
-                inp = inp.contiguous(memory_format=torch.channels_last)
-            emb = torch.randn(3, 77, c.text_encoder.config.hidden_size, dtype=c.precision.unet)
-            floor = timed(lambda: c.unet(inp, 500, encoder_hidden_states=emb), args.repeats)
+            inputs = unet_floor_inputs(c.unet, 3, lat, c.precision.unet, c.precision.unet == torch.bfloat16)
+            floor = timed(lambda: c.unet(**inputs), args.repeats)
             # VAE floor: the input encoded once and the result decoded once, the module calls alone.
             pixels = x.to(c.precision.vae) * 2 - 1
             z = torch.randn(1, 4, lat, lat, dtype=c.precision.vae)
@@ -206,11 +244,10 @@ def speed_section(args) -> dict:
 def in_memory_edit(args, tmp: Path, precision: str):
     """The benchmark's model (:func:`build_modules`) through our cache in ``precision``, "make it winter"
     encoded, and the input picture: (model, conditioning, image)."""
-    unet, vae, te, tok, sched = build_modules(args.model, tmp)
+    modules, sched = build_modules(args.model, tmp)
 
     def loader(source, prec, device, place):
-        return get_family("sd15").assemble({"unet": unet, "vae": vae, "text_encoder": te, "tokenizer": tok}, sched,
-                                           prec, torch.device(device), source)
+        return get_family(FAMILY_OF[args.model]).assemble(modules, sched, prec, torch.device(device), source)
 
     cache = ModelCache(loader=loader)
     model = cache.get(cache.key_for(ModelSource("diffusers", f"in-memory-{args.model}"), precision, "cpu"))
@@ -276,12 +313,11 @@ def fast_section(args) -> dict:
         # One UNet call of each kind on the batch of 3 guidance passes: what a cached step costs against a full one.
         c = model.components
         lat = args.resolution // 8
-        inp = torch.randn(3, 8, lat, lat)
-        emb = torch.randn(3, 77, c.text_encoder.config.hidden_size)
+        inputs = unet_floor_inputs(c.unet, 3, lat, torch.float32, channels_last=False)
         step_cache = StepCache(c.unet, interval=1 << 30)
-        full_call = timed(lambda: c.unet(inp, 500, encoder_hidden_states=emb), args.repeats)
-        step_cache(inp, 500, encoder_hidden_states=emb)  # keeps the deep features for the cached calls
-        cached_call = timed(lambda: step_cache(inp, 500, encoder_hidden_states=emb), args.repeats)
+        full_call = timed(lambda: c.unet(**inputs), args.repeats)
+        step_cache(**inputs)  # keeps the deep features for the cached calls
+        cached_call = timed(lambda: step_cache(**inputs), args.repeats)
         rows["unet_call"] = {"full_seconds": full_call, "cached_seconds": cached_call,
                              "cached_over_full": cached_call / full_call}
     ratio = rows["fast"]["seconds"] / rows["quality"]["seconds"]
@@ -302,7 +338,7 @@ def levers_section(args) -> dict:
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     with tempfile.TemporaryDirectory() as tmp:
-        unet = build_modules(args.model, Path(tmp))[0]
+        unet = build_modules(args.model, Path(tmp))[0]["unet"]
     lat = args.resolution // 8
     g = torch.Generator().manual_seed(0)
     inp = torch.randn(3, 8, lat, lat, generator=g)

@@ -28,19 +28,25 @@ def test_a_packed_convolution_gives_exactly_the_plain_one(channels_last):
     plain = torch.nn.Conv2d(32, 48, 3, padding=1, stride=2).to(torch.bfloat16)
     plain.load_state_dict(conv.state_dict())
     assert cpu_pack.pack_convolutions(conv) == 1 and cpu_pack.pack_convolutions(conv) == 0  # idempotent
-    for shape in ((3, 32, 8, 8), (5, 32, 13, 9)):  # packed again for each new input shape
-        x = torch.randn(shape, generator=g).to(torch.bfloat16)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        assert torch.equal(conv(x), plain(x))
-    # A weight changed in place (or replaced) is packed again, not served stale.
-    with torch.no_grad():
+    with torch.no_grad():  # as every edit runs
+        for shape in ((3, 32, 8, 8), (5, 32, 13, 9)):  # packed again for each new input shape
+            x = torch.randn(shape, generator=g).to(torch.bfloat16)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            assert torch.equal(conv(x), plain(x))
+            # channels_last inputs (what a bf16 UNet runs on) take the packed weight; others run plain.
+            assert ("_ip2p_packed" in conv.__dict__) is channels_last
+        # A weight changed in place (or replaced) is packed again, not served stale.
         conv.weight.mul_(2)
         plain.weight.mul_(2)
-    assert torch.equal(conv(x), plain(x))
-    conv.weight = torch.nn.Parameter(torch.randn_like(conv.weight))
-    plain.weight = torch.nn.Parameter(conv.weight.detach().clone())
-    assert torch.equal(conv(x), plain(x))
+        assert torch.equal(conv(x), plain(x))
+        conv.weight = torch.nn.Parameter(torch.randn_like(conv.weight))
+        plain.weight = torch.nn.Parameter(conv.weight.detach().clone())
+        assert torch.equal(conv(x), plain(x))
+    # Training through a packed module still gets gradients (the packed op has no backward).
+    conv(x).float().sum().backward()
+    plain(x).float().sum().backward()
+    assert conv.weight.grad is not None and torch.equal(conv.weight.grad, plain.weight.grad)
     cpu_pack.unpack_convolutions(conv)
     assert "forward" not in conv.__dict__ and "_ip2p_packed" not in conv.__dict__
 

@@ -208,9 +208,12 @@ def test_batch_keys_of_quality_rows_are_unchanged_and_fast_rows_get_their_own():
 
     quality = EditSettings().checked()
     before = {k: v for k, v in asdict(quality).items()
-              if k not in ("text_guidance", "image_guidance", "max_batch", "speed", "fast_interval")}
+              if k not in ("text_guidance", "image_guidance", "max_batch", "speed", "fast_interval", "vram")}
     assert settings_fingerprint(quality, "", "fp32", "cpu") == {**before, "negative": "", "precision": "fp32",
                                                                  "device": "cpu"}
+    # Nor does low-VRAM mode give a row a new key: it moves model parts, not pixels.
+    assert settings_fingerprint(EditSettings(vram="low").checked(), "", "fp32", "cpu") == settings_fingerprint(
+        quality, "", "fp32", "cpu")
     fast = settings_fingerprint(EditSettings(speed="fast").checked(), "", "fp32", "cpu")
     assert fast["speed"] == "fast" and fast["fast_interval"] == 2
     assert settings_fingerprint(EditSettings(speed="fast", fast_interval=4).checked(), "", "fp32", "cpu") != fast
