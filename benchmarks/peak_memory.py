@@ -11,7 +11,8 @@ evicted from the OS page cache (the cold load and cold total time), then again (
 
 The model is a diffusers folder of the real SD1.5-IP2P architecture with random weights, fp32 as
 timbrooks/instruct-pix2pix ships it (~4.3 GB, written once into a temp folder unless ``--folder`` names one):
-memory does not depend on the weights' values, and nothing is downloaded.
+memory does not depend on the weights' values, and nothing is downloaded. ``--model sdxl``: the same of the real
+SDXL-IP2P architecture (~14 GB; diffusers' own SDXL InstructPix2Pix pipeline is the anchor).
 """
 
 from __future__ import annotations
@@ -57,15 +58,21 @@ def child(case: str, folder: str, resolution: int, steps: int) -> dict:
     before = status_bytes("VmHWM")  # the interpreter with torch: the same for every case
     start = time.perf_counter()
     if case == ANCHOR:
-        from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
+        import diffusers
 
-        pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(folder, safety_checker=None,
-                                                                      requires_safety_checker=False)
-        pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+        # The folder's own pipeline class: SD1.5's or SDXL's InstructPix2Pix pipeline.
+        index = json.loads((Path(folder) / "model_index.json").read_text())
+        sdxl = "XL" in index["_class_name"]
+        extra = {"add_watermarker": False} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
+        pipe = getattr(diffusers, index["_class_name"]).from_pretrained(folder, **extra)
+        if not sdxl:
+            pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         loaded = (status_bytes("VmHWM"), status_bytes("VmRSS"), time.perf_counter() - start)
+        # SDXL's pipeline edits at 1024² unless told the size; SD1.5's takes the picture's.
+        size = {"height": resolution, "width": resolution} if sdxl else {}
         pipe("make it winter", image=image.permute(0, 3, 1, 2), num_inference_steps=steps, guidance_scale=7.5,
-             image_guidance_scale=1.5, generator=torch.Generator().manual_seed(0), output_type="pt")
+             image_guidance_scale=1.5, generator=torch.Generator().manual_seed(0), output_type="pt", **size)
     else:
         from ip2p_nodes.pipeline_core import ModelCache, ModelSource, SeedPlan, edit, encode_instruction
 
@@ -78,13 +85,16 @@ def child(case: str, folder: str, resolution: int, steps: int) -> dict:
             "load_seconds": loaded[2], "peak_hwm": status_bytes("VmHWM"), "seconds": time.perf_counter() - start}
 
 
-def write_model(folder: Path) -> Path:
+FAMILIES = {"full": ("sd15", "SD1.5-IP2P", "~4.3 GB"), "sdxl": ("sdxl", "SDXL-IP2P", "~14 GB")}
+
+
+def write_model(folder: Path, model: str = "full") -> Path:
     sys.path.insert(0, str(HERE.parents[1] / "tests"))  # the shared test support package builds model files
     from support import model_files
 
-    print(f"writing a full-size random-weight SD1.5-IP2P diffusers folder (fp32, ~4.3 GB) to {folder} ...",
-          flush=True)
-    return model_files.write_full_size_ip2p_folder(folder)
+    family, name, size = FAMILIES[model]
+    print(f"writing a full-size random-weight {name} diffusers folder (fp32, {size}) to {folder} ...", flush=True)
+    return model_files.write_full_size_ip2p_folder(folder, family=family)
 
 
 def evict_from_page_cache(folder: Path) -> None:
@@ -157,7 +167,8 @@ def run_section(args, resolution: int, steps: int) -> dict:
     if args.folder is not None:
         return measure(args.folder, resolution, steps, args.memory_cases)
     with tempfile.TemporaryDirectory(prefix="ip2p-memory-") as tmp:
-        return measure(write_model(Path(tmp) / "sd15-ip2p"), resolution, steps, args.memory_cases)
+        return measure(write_model(Path(tmp) / f"{args.model}-ip2p", args.model), resolution, steps,
+                       args.memory_cases)
 
 
 def main() -> None:
@@ -165,6 +176,8 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--model", choices=tuple(FAMILIES), default="full",
+                   help="full: SD1.5-IP2P; sdxl: SDXL-IP2P (a 14 GB folder; diffusers' fp32 load peaks near it)")
     p.add_argument("--child", nargs=2, metavar=("CASE", "FOLDER"), help=argparse.SUPPRESS)
     add_arguments(p)
     args = p.parse_args()

@@ -44,30 +44,19 @@ FAMILY_OF = {"full": "sd15", "sdxl": "sdxl", "tiny": "sd15"}
 
 def build_modules(kind: str, tmp: Path) -> tuple[dict, dict]:
     """(modules by role, scheduler config) of the benchmark's model: ``full`` SD1.5-IP2P, ``sdxl`` SDXL-IP2P (2.6 B
-    UNet, CLIP-L + CLIP-G), both at real size from the pack's configs with random weights; ``tiny`` the tests'."""
+    UNet, CLIP-L + CLIP-G), both at real size from the pack's configs with random fp32 weights (the tests' model
+    files); ``tiny`` the tests' tiny model."""
     import sys
 
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the shared test support package
-    from support import tiny_sdxl
+    from support import model_files, tiny_models, tiny_sdxl
 
     family = FAMILY_OF[kind]
     if kind == "tiny":
-        from support import tiny_models
-
         unet, vae, te, _ = tiny_models.make_components()
         modules = {"unet": unet, "vae": vae, "text_encoder": te}
     else:
-        names = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if family == "sdxl" else ())
-        cfg = {n: json.loads((CONFIG_DIR / family / f"{n}.json").read_text()) for n in names}
-        torch.manual_seed(0)
-        modules = {"unet": UNet2DConditionModel.from_config(cfg["unet"]), "vae": AutoencoderKL.from_config(cfg["vae"]),
-                   "text_encoder": CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))}
-        if family == "sdxl":
-            modules["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"]))
-    modules = {role: m.eval() for role, m in modules.items()}
+        modules = model_files.full_size_modules(family, seed=0, dtype=torch.float32)
     # The byte-level tokenizer (nothing downloaded); SDXL's second one pads with id 0, as the real one does.
     modules["tokenizer"], tokenizer_2 = tiny_sdxl.write_tokenizers(tmp / "tok")
     if family == "sdxl":
@@ -159,7 +148,7 @@ def main() -> None:
         figures["fast"] = fast_section(args)
     if "levers" in args.sections:
         figures["levers"] = levers_section(args)
-    if "memory" in args.sections and args.model == "full":
+    if "memory" in args.sections and args.model in peak_memory.FAMILIES:
         # Each case is a fresh process, so what the speed section left in this one does not count.
         figures["memory"] = peak_memory.run_section(args, args.resolution, args.steps)
         peak_memory.print_table(figures["memory"])

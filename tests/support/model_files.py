@@ -157,18 +157,30 @@ def write_tiny_controlnet(path: Path, seed: int = 0) -> Path:
     return tiny_controlnet.write_original_file(tiny_controlnet.make_controlnet(dict(unet.config)), path)
 
 
-def _full_size_ip2p_modules(seed: int, dtype: torch.dtype) -> tuple[torch.nn.Module, ...]:
-    """The real SD1.5 InstructPix2Pix architecture (8-channel UNet, VAE, CLIP-L) with random ``dtype`` weights."""
+def full_size_modules(family: str = "sd15", seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
+    """The real InstructPix2Pix architecture of ``family`` with random ``dtype`` weights, by role: ``sd15``
+    (8-channel 860 M UNet, VAE, CLIP-L) or ``sdxl`` (8-channel 2.6 B UNet, VAE, CLIP-L and CLIP-G with its
+    projection), from the pack's own configs."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    configs = CONFIG_DIR.parent / family
+    config = {n: json.loads(p.read_text()) for n in ("unet", "vae", "text_encoder", "text_encoder_2")
+              if (p := configs / f"{n}.json").exists()}
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(_config("unet"))
-        vae = AutoencoderKL.from_config(_config("vae"))
-        text_encoder = CLIPTextModel(CLIPTextConfig(**_config("text_encoder")))
-    assert unet.config.in_channels == 8
-    return tuple(_materialize_random(m, generator, dtype) for m in (unet, vae, text_encoder))
+        modules = {"unet": UNet2DConditionModel.from_config(config["unet"]),
+                   "vae": AutoencoderKL.from_config(config["vae"]),
+                   "text_encoder": CLIPTextModel(CLIPTextConfig(**config["text_encoder"]))}
+        if "text_encoder_2" in config:
+            modules["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder_2"]))
+    assert modules["unet"].config.in_channels == 8
+    return {role: _materialize_random(m, generator, dtype) for role, m in modules.items()}
+
+
+def _full_size_ip2p_modules(seed: int, dtype: torch.dtype) -> tuple[torch.nn.Module, ...]:
+    """The real SD1.5 InstructPix2Pix architecture (8-channel UNet, VAE, CLIP-L) with random ``dtype`` weights."""
+    return tuple(full_size_modules("sd15", seed, dtype).values())
 
 
 def write_full_size_ip2p_checkpoint(path: Path, seed: int = 0) -> Path:
@@ -183,21 +195,32 @@ def write_full_size_ip2p_checkpoint(path: Path, seed: int = 0) -> Path:
     return save_single_file(_full_size_ip2p_modules(seed, torch.float16), path, family="sd15")
 
 
-def write_full_size_ip2p_folder(path: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """A full-size SD1.5 InstructPix2Pix diffusers folder with random weights, fp32 as timbrooks/instruct-pix2pix
-    ships it (~4.3 GB): what the memory benchmark loads with both our loader and diffusers' pipeline.
+def write_full_size_ip2p_folder(path: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
+                                family: str = "sd15") -> Path:
+    """A full-size InstructPix2Pix diffusers folder with random weights, fp32 as timbrooks/instruct-pix2pix ships
+    it (SD1.5, ~4.3 GB; ``family="sdxl"``: diffusers' SDXL-IP2P pipeline, ~14 GB): what the memory benchmark loads
+    with both our loader and diffusers' pipeline.
 
     The tokenizer is the pack's byte-level one (a real CLIP vocabulary is a download); the text encoder reads it
-    as any other.
+    as any other. SDXL's second tokenizer pads with id 0, as the real one does.
     """
-    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
+    import diffusers
 
-    unet, vae, text_encoder = _full_size_ip2p_modules(seed, dtype)
-    pipe = StableDiffusionInstructPix2PixPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tiny_models.write_tokenizer(path / "_tok"), unet=unet,
-        scheduler=EulerAncestralDiscreteScheduler.from_config(_config("scheduler")),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    from . import tiny_sdxl
+
+    modules = full_size_modules(family, seed, dtype)
+    scheduler_config = json.loads((CONFIG_DIR.parent / family / "scheduler.json").read_text())
+    if family == "sdxl":
+        tokenizer, tokenizer_2 = tiny_sdxl.write_tokenizers(path / "_tok")
+        pipe = diffusers.StableDiffusionXLInstructPix2PixPipeline(
+            **modules, tokenizer=tokenizer, tokenizer_2=tokenizer_2, add_watermarker=False,
+            scheduler=diffusers.EulerDiscreteScheduler.from_config(scheduler_config))
+    else:
+        pipe = diffusers.StableDiffusionInstructPix2PixPipeline(
+            **modules, tokenizer=tiny_models.write_tokenizer(path / "_tok"),
+            scheduler=diffusers.EulerAncestralDiscreteScheduler.from_config(scheduler_config),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
     pipe.save_pretrained(str(path))
     return path
 
