@@ -69,8 +69,6 @@ class Denoiser:
         # edits or rows.
         self.run_unets = [self.unet if fast_interval is None else StepCache(c.unet, fast_interval, steps)
                           for _ in self.row_groups]
-        self.step_cache = None if fast_interval is None else self.run_unets[0]
-        self.run_unet = self.run_unets[0]
         img = image_latents.to(device, torch.float32) * c.spec.image_latent_scale(c)
         pass_images = {guidance.TEXT: img, guidance.IMAGE: img, guidance.UNCOND: torch.zeros_like(img)}
         self.cond_images = torch.cat([pass_images[p] for p in self.passes])
@@ -118,7 +116,7 @@ class Denoiser:
             kwargs["down_block_additional_residuals"] = down
             kwargs["mid_block_additional_residual"] = mid
         if len(self.row_groups) == 1:
-            out = self.run_unet(unet_in, t, encoder_hidden_states=self.encoder_states, return_dict=False,
+            out = self.run_unets[0](unet_in, t, encoder_hidden_states=self.encoder_states, return_dict=False,
                                 **kwargs)[0]
         else:
             out = torch.cat([run(unet_in[rows], t, encoder_hidden_states=self.encoder_states[rows], return_dict=False,

@@ -313,15 +313,15 @@ def edit(
     regions = make_regions(model, images, masks, settings)
     largest = max((r.size.latent[0] * r.size.latent[1] for r in regions), default=0)
     passes = max(len(guidance.required_passes(s_t, s_i)) for s_t, s_i in guidances)
-    low_vram = use_low_vram(model, settings.vram, largest, passes * settings.max_batch)
+    rows = passes * settings.max_batch  # of the largest UNet call
+    low_vram = use_low_vram(model, settings.vram, largest, rows)
     settings = replace(settings, vram="low" if low_vram else "normal")
     if low_vram:
         # One part on the device at a time (see .vram): the UNet comes when the VAE has encoded.
         model.offload(*(name for name in c.modules() if name.startswith("text_encoder")), "unet")
         model.ensure_loaded("vae")
     else:
-        model.ensure_loaded("unet", "vae",
-                            memory_required=unet_activation_bytes(model, largest, passes * settings.max_batch))
+        model.ensure_loaded("unet", "vae", memory_required=unet_activation_bytes(model, largest, rows))
     with cancel_points(checked_blocks(c.unet, c.vae), check_cancel):
         image_latents = [encode_images(model, r.low, tiled=low_vram)[0] for r in regions]
         # The VAE encoder's and then the UNet's activations are freed into the C heap, where they stay resident

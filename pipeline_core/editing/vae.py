@@ -37,17 +37,17 @@ def vae_tiling(vae, pixels: int, force: bool = False):
         vae.use_tiling = previous
 
 
-def tiled_if_out_of_memory(vae, pixels: int, run, what: str, tiled: bool = False):
+def tiled_if_out_of_memory(vae, pixels: int, run, what: str, force_tiles: bool = False):
     """``run()`` with the VAE tiled by size; if the device runs out of memory untiled, once more in tiles.
 
     A GPU with little free memory (an 8 GB card at 1024 px, or one shared with other models) fails the
     whole-frame VAE pass that tiles would fit; as ComfyUI's own VAE nodes do, the pass is retried tiled (a
     slightly different picture, which is said) rather than the run failing after all its sampling.
     """
-    force = tiled  # low-VRAM mode: in tiles from the start
-    tiled = tiled or vae.use_tiling or pixels > resolution.VAE_TILE_AREA
+    # force_tiles: low-VRAM mode, in tiles from the start.
+    tiled = force_tiles or vae.use_tiling or pixels > resolution.VAE_TILE_AREA
     try:
-        with vae_tiling(vae, pixels, force):
+        with vae_tiling(vae, pixels, force_tiles):
             return run()
     except torch.OutOfMemoryError:
         if tiled:
