@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     ty.add_argument("--stage2", type=Path, default=None,
                     help="start stage 3 from this stage-2 model file (OUT/stage2/toy-ip2p-stage2.safetensors of an "
                          "earlier run) instead of training stages 1 and 2")
+    ty.add_argument("--widen-steps", type=int, default=toy.RECIPE["widen_steps"],
+                    help="stage 4: training steps of the UNet widened to twice its channels (0 skips stage 4)")
+    ty.add_argument("--focus-steps", type=int, default=toy.RECIPE["focus_steps"],
+                    help="stage 5: training steps of the wide UNet with removal drawn most (0 skips stage 5)")
+    ty.add_argument("--stage3", type=Path, default=None,
+                    help="start stage 4 from this stage-3 model file (OUT/stage3/toy-ip2p-stage3.safetensors of an "
+                         "earlier run, or the previously shipped toy model) instead of training stages 1 to 3")
     _add_train_options(ty, toy.recipe_config())
     # The toy UNet is too small to gain from more threads, and on a shared machine extra threads cost a lot.
     ty.set_defaults(threads=1)
@@ -102,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             folder, single = toy.build_toy(args.out, parse_config(args), vae_steps=args.vae_steps,
                                            n_triplets=args.triplets, install=args.install,
-                                           refine_steps=args.refine_steps, stage2=args.stage2)
+                                           refine_steps=args.refine_steps, stage2=args.stage2,
+                                           widen_steps=args.widen_steps, stage3=args.stage3,
+                                           focus_steps=args.focus_steps)
     except IP2PError as exc:
         log.error("%s", exc)
         return 2

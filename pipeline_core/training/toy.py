@@ -7,7 +7,8 @@ sampler as a real checkpoint:
 - a VAE with scale factor 4 (32 x 32 x 3 -> 8 x 8 x 4), trained first on synthetic pictures;
 - a 2-layer CLIP text encoder over a word-level vocabulary: the 256 byte symbols (so any text tokenizes) plus
   BPE merges that make every word of the synthetic world one token;
-- an 8-channel UNet (~1 M parameters) with cross-attention, trained with :mod:`.trainer` like the paper's.
+- a UNet with 8 input channels and cross-attention, trained with :mod:`.trainer` like the paper's: ~1 M
+  parameters (32 and 64 channels) through stage 3, then widened to ~4.2 M (64 and 128) by :mod:`.toy_widen`.
 
 ``build_toy`` is the whole recipe; ``python -m ip2p_nodes.pipeline_core.training toy --out DIR`` runs it.
 Every stage is saved in ``DIR``, so a cut-off run continues where it stopped when started again.
@@ -133,6 +134,7 @@ def make_unet():
 
     # Two levels (8x8 and 4x4 latents), cross-attention in both: the smallest UNet that measured fast
     # enough to train on a shared 2-core CPU (0.2 s per batch of 64 in bf16) and still reads the instruction.
+    # Stages 1-3 train it at this width; stage 4 (toy_widen) doubles it once it has learnt the edits.
     return UNet2DConditionModel(
         sample_size=8, in_channels=8, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -237,6 +239,8 @@ RECIPE = {
     "vae_steps": 2000,
     "triplets": 20_000,
     "refine_steps": 5000,  # stage 3, see toy_refine.REFINE
+    "widen_steps": 8000,  # stage 4, see toy_widen.WIDEN
+    "focus_steps": 3000,  # stage 5, see toy_widen.FOCUS
     "train": {
         "steps": 15000, "batch_size": 32, "learning_rate": 5e-4, "text_encoder_lr": 5e-4, "ema_decay": 0.999,
         "snr_gamma": 5.0, "warmup_steps": 200, "cosine_decay": False, "mixed_precision": "no",
@@ -250,6 +254,8 @@ def recipe_config(**overrides):
 
 
 STAGE2_NAME = "toy-ip2p-stage2.safetensors"
+STAGE3_NAME = "toy-ip2p-stage3.safetensors"
+STAGE4_NAME = "toy-ip2p-stage4.safetensors"
 
 
 def train_stages_1_and_2(out: Path, config, vae_steps: int, n_triplets: int, progress: bool = True):
@@ -284,12 +290,16 @@ def scheduler_config() -> dict:
 
 def build_toy(out: Path, config=None, vae_steps: int = RECIPE["vae_steps"], n_triplets: int = RECIPE["triplets"],
               install: bool = False, progress: bool = True, refine_steps: int = RECIPE["refine_steps"],
-              stage2: Path | None = None):
+              stage2: Path | None = None, widen_steps: int = RECIPE["widen_steps"], stage3: Path | None = None,
+              focus_steps: int = RECIPE["focus_steps"]):
     """Train the toy model from nothing into ``out``; continues a cut-off run. Returns (diffusers folder, file).
 
     Stage 1 the VAE, stage 2 the UNet and text encoder on ``n_triplets`` (written as ``out/stage2/``), stage 3
     (:mod:`.toy_refine`, ``refine_steps`` UNet steps; 0 skips it) a sharper decoder and continued training on
-    the weak edit kinds. ``stage2``: a stage-2 model file to start stage 3 from instead of training stages 1-2.
+    the weak edit kinds (written as ``out/stage3/``), stage 4 (:mod:`.toy_widen`, ``widen_steps``; 0 skips it)
+    the UNet at twice the width, trained on (``out/stage4/``), stage 5 (``focus_steps``; 0 skips it) a short run
+    with removal drawn most. ``stage2`` / ``stage3``: a model file of that stage to start the next one from
+    instead of training the stages before it.
     """
     import shutil
 
@@ -300,22 +310,47 @@ def build_toy(out: Path, config=None, vae_steps: int = RECIPE["vae_steps"], n_tr
     out.mkdir(parents=True, exist_ok=True)
     config = config or recipe_config()
     tokenizer = write_tokenizer(out / "tokenizer")
-    if stage2 is None:
+
+    def load(file: Path):
+        # Each stage starts from the previous one's model as written (fp16, like the shipped file), so the same
+        # command gives the same result whether that stage ran just now or earlier: the shipped model was made
+        # that way.
+        parts = load_components(ModelSource.from_path(str(file)), resolve_precision("fp32", "cpu"), "cpu")
+        return parts.unet, parts.vae, parts.text_encoder
+
+    if stage3 is not None:
+        facts = {"stage3": str(stage3)}
+    elif stage2 is None:
         unet, vae, text_encoder, facts = train_stages_1_and_2(out, config, vae_steps, n_triplets, progress)
         _, stage2 = save_model(out / "stage2", unet, vae, text_encoder, tokenizer, scheduler_config(),
                                single_file_name=STAGE2_NAME, dtype=torch.float16)
     else:
         facts = {"stage2": str(stage2)}
-    # Stage 3 starts from the stage-2 model as written (fp16, like the shipped file), so the same command gives
-    # the same result whether stage 2 ran just now or earlier: the shipped model was made that way.
-    parts = load_components(ModelSource.from_path(str(stage2)), resolve_precision("fp32", "cpu"), "cpu")
-    unet, vae, text_encoder = parts.unet, parts.vae, parts.text_encoder
-    if refine_steps:
-        from .toy_refine import refine, refine_config
+    if stage3 is None:
+        unet, vae, text_encoder = load(stage2)
+        if refine_steps:
+            from .toy_refine import refine, refine_config
 
-        unet, vae, text_encoder = refine(out, unet, vae, text_encoder, tokenizer, scheduler_config(),
-                                         refine_config(steps=refine_steps), progress=progress)
-        facts["refine"] = json.loads((out / "refine" / "recipe.json").read_text())
+            unet, vae, text_encoder = refine(out, unet, vae, text_encoder, tokenizer, scheduler_config(),
+                                             refine_config(steps=refine_steps), progress=progress)
+            facts["refine"] = json.loads((out / "refine" / "recipe.json").read_text())
+        if widen_steps:
+            _, stage3 = save_model(out / "stage3", unet, vae, text_encoder, tokenizer, scheduler_config(),
+                                   single_file_name=STAGE3_NAME, dtype=torch.float16)
+    if widen_steps:
+        from .toy_widen import focus, focus_config, widen_and_train, widen_config
+
+        unet, vae, text_encoder = load(stage3)
+        unet, text_encoder = widen_and_train(out, unet, vae, text_encoder, tokenizer, scheduler_config(),
+                                             widen_config(steps=widen_steps), progress=progress)
+        facts["widen"] = json.loads((out / "widen" / "recipe.json").read_text())
+        if focus_steps:
+            _, stage4 = save_model(out / "stage4", unet, vae, text_encoder, tokenizer, scheduler_config(),
+                                   single_file_name=STAGE4_NAME, dtype=torch.float16)
+            unet, vae, text_encoder = load(stage4)
+            unet, text_encoder = focus(out, unet, vae, text_encoder, tokenizer, scheduler_config(),
+                                       focus_config(steps=focus_steps), progress=progress)
+            facts["focus"] = json.loads((out / "focus" / "recipe.json").read_text())
     # Stored in fp16 to halve what the repository carries (~3.7 MB); the loader casts to the chosen precision.
     folder, single = save_model(out, unet, vae, text_encoder, tokenizer, scheduler_config(),
                                 single_file_name=TOY_MODEL_NAME, dtype=torch.float16)

@@ -30,17 +30,17 @@ from .trainer import CHECKPOINT_NAME, LatentDataset, TrainConfig, Trainer, Tripl
 
 log = logging.getLogger(__name__)
 
+# What every continued-training stage (3 to 5) shares; each sets its own steps, learning rates, schedule and seed.
+CONTINUED_TRAINING = {"batch_size": 32, "ema_decay": 0.999, "snr_gamma": 5.0, "mixed_precision": "no",
+                      "checkpoint_every": 250, "log_every": 50}
 REFINE = {
     "decoder_steps": 1500,
     "decoder_lr": 1e-3,
     "triplets": 40_000,
     # Stage 2 drew every kind 20% of the time; its held-out failures were mostly remove and morph.
     "kind_weights": {"recolor": 0.15, "morph": 0.30, "remove": 0.30, "add": 0.125, "darker": 0.125},
-    "train": {
-        "steps": 5000, "batch_size": 32, "learning_rate": 2e-4, "text_encoder_lr": 2e-4, "ema_decay": 0.999,
-        "snr_gamma": 5.0, "warmup_steps": 100, "cosine_decay": False, "mixed_precision": "no",
-        "checkpoint_every": 250, "log_every": 50, "seed": 7,
-    },
+    "train": {**CONTINUED_TRAINING, "steps": 5000, "learning_rate": 2e-4, "text_encoder_lr": 2e-4,
+              "warmup_steps": 100, "cosine_decay": False, "seed": 7},
 }
 # Far above any index stage 2 (0 .. triplets) or the held-out set (another split) uses.
 FIRST_INDEX = 10_000_000
@@ -113,17 +113,57 @@ def refine_decoder(out: Path, vae, steps: int = REFINE["decoder_steps"], seed: i
 
 # ----------------------------------------------------------------------------------------------- UNet
 
-def refine_records(n: int, seed: int = 0, weights: dict[str, float] | None = None) -> list[TripletRecord]:
-    """``n`` fresh training triplets whose kinds follow ``weights`` (a pure function of ``seed``)."""
+def refine_records(n: int, seed: int = 0, weights: dict[str, float] | None = None,
+                   first_index: int = FIRST_INDEX) -> list[TripletRecord]:
+    """``n`` fresh training triplets (indices from ``first_index``) whose kinds follow ``weights`` (a pure function
+    of ``seed``)."""
     weights = weights or REFINE["kind_weights"]
     kinds = list(weights)
     p = np.asarray([weights[k] for k in kinds], dtype=np.float64)
     draws = np.random.default_rng([seed, 3]).choice(len(kinds), size=n, p=p / p.sum())
     records = []
     for i, k in enumerate(draws):
-        t = synthetic.triplet(FIRST_INDEX + i, seed=seed, split="train", kind=kinds[int(k)])
+        t = synthetic.triplet(first_index + i, seed=seed, split="train", kind=kinds[int(k)])
         records.append(TripletRecord(t.input, t.edited, t.instruction))
     return records
+
+
+def train_on_fresh_triplets(folder: Path, unet, vae, text_encoder, tokenizer, scheduler_config,
+                            config: TrainConfig, n_triplets: int, weights: dict[str, float], first_index: int,
+                            progress: bool = True, before_training=None, facts: dict | None = None):
+    """Continue training ``unet`` and ``text_encoder`` in ``folder`` on ``n_triplets`` fresh triplets whose kinds
+    follow ``weights``; returns (unet, text_encoder, vae). Resumes a cut-off run from ``folder``.
+
+    The shared body of stages 3 to 5. ``before_training(vae, unet)`` runs after the latents are encoded (stage 3
+    sharpens the decoder there, stage 4 widens the UNet) and returns the (vae, unet) to go on with. ``facts`` go
+    into ``folder/recipe.json`` with the run's own.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Latents first, from the (frozen) encoder: what runs before training never changes them, and the file makes a
+    # resumed run independent of which step was cut off.
+    data_file = folder / f"latents-{n_triplets}.pt"
+    if data_file.is_file():
+        dataset = LatentDataset(**torch.load(str(data_file), weights_only=True))
+    else:
+        log.info("toy %s: rendering and encoding %d triplets", folder.name, n_triplets)
+        records = refine_records(n_triplets, seed=config.seed, weights=weights, first_index=first_index)
+        dataset = encode_dataset(vae, records, batch_size=256, progress=progress)
+        torch.save(vars(dataset), str(data_file))
+    if before_training is not None:
+        vae, unet = before_training(vae, unet)
+    trainer = Trainer(unet, text_encoder, tokenizer, scheduler_config, dataset, config)
+    ckpt = folder / "checkpoints"
+    if (ckpt / CHECKPOINT_NAME).is_file():
+        trainer.load_checkpoint(ckpt)
+    trainer.train(ckpt, progress=progress)
+    unet, text_encoder = trainer.final_modules()
+    (folder / "recipe.json").write_text(json.dumps({
+        **(facts or {}), "triplets": n_triplets, "kind_weights": weights, "first_index": first_index,
+        "train": dict(vars(config)), "steps_done": trainer.state.step,
+        "final_loss": float(np.mean(trainer.state.losses[-200:])),
+    }, indent=2))
+    return unet, text_encoder, vae
 
 
 def refine(out: Path, unet, vae, text_encoder, tokenizer, scheduler_config, config: TrainConfig | None = None,
@@ -131,29 +171,13 @@ def refine(out: Path, unet, vae, text_encoder, tokenizer, scheduler_config, conf
            progress: bool = True):
     """Stage 3 in ``out/refine``: returns (unet, vae, text_encoder) refined. Resumes a cut-off run."""
     out = Path(out) / "refine"
-    out.mkdir(parents=True, exist_ok=True)
-    config = config or refine_config()
-    # Latents first, from the frozen encoder: the decoder stage does not change them, and the file makes a resumed
-    # run independent of which stage was cut off.
-    data_file = out / f"latents-{n_triplets}.pt"
-    if data_file.is_file():
-        dataset = LatentDataset(**torch.load(str(data_file), weights_only=True))
-    else:
-        log.info("toy refine: rendering and encoding %d triplets", n_triplets)
-        dataset = encode_dataset(vae, refine_records(n_triplets, seed=config.seed), batch_size=256,
-                                 progress=progress)
-        torch.save(vars(dataset), str(data_file))
-    # The decoder's pictures are their own draw (seed 0), independent of the UNet run's seed.
-    vae = refine_decoder(out, vae, decoder_steps, progress=progress)
-    trainer = Trainer(unet, text_encoder, tokenizer, scheduler_config, dataset, config)
-    ckpt = out / "checkpoints"
-    if (ckpt / CHECKPOINT_NAME).is_file():
-        trainer.load_checkpoint(ckpt)
-    trainer.train(ckpt, progress=progress)
-    unet, text_encoder = trainer.final_modules()
-    (out / "recipe.json").write_text(json.dumps({
-        "decoder_steps": decoder_steps, "triplets": n_triplets, "kind_weights": REFINE["kind_weights"],
-        "train": dict(vars(config)), "steps_done": trainer.state.step,
-        "final_loss": float(np.mean(trainer.state.losses[-200:])),
-    }, indent=2))
+
+    def sharpen_decoder(vae, unet):
+        # The decoder's pictures are their own draw (seed 0), independent of the UNet run's seed.
+        return refine_decoder(out, vae, decoder_steps, progress=progress), unet
+
+    unet, text_encoder, vae = train_on_fresh_triplets(
+        out, unet, vae, text_encoder, tokenizer, scheduler_config, config or refine_config(), n_triplets,
+        REFINE["kind_weights"], FIRST_INDEX, progress, before_training=sharpen_decoder,
+        facts={"decoder_steps": decoder_steps})
     return unet, vae, text_encoder

@@ -262,7 +262,8 @@ def test_the_toy_command_trains_with_exactly_the_shipped_recipe():
     args = build_parser().parse_args(["toy", "--out", "x"])
     assert parse_config(args) == toy.recipe_config()
     assert args.vae_steps == toy.RECIPE["vae_steps"] and args.triplets == toy.RECIPE["triplets"]
-    assert args.refine_steps == toy.RECIPE["refine_steps"]
+    assert args.refine_steps == toy.RECIPE["refine_steps"] and args.widen_steps == toy.RECIPE["widen_steps"]
+    assert args.focus_steps == toy.RECIPE["focus_steps"]
     assert parse_config(build_parser().parse_args(["toy", "--out", "x", "--steps", "5"])).steps == 5
 
 
@@ -332,3 +333,83 @@ def test_the_toy_recipes_third_stage_sharpens_only_the_decoder_and_continues_whe
                    tokenizer, scheduler, config, n_triplets=8, decoder_steps=2, progress=False)
     for a, b in zip((unet2, vae2, te2), again):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.parametrize("which", ["toy", "tiny"])
+def test_the_widened_unet_computes_what_the_narrow_one_did_until_trained(which, tmp_path):
+    """Stage 4 starts from the stage-3 model's edits, not from noise: the UNet at twice the channels gives the
+    same noise prediction (the toy UNet, and the tests' tiny one with two layers per block and a block without
+    attention), and the symmetry-breaking noise really makes the copied channels differ."""
+    from ip2p_nodes.pipeline_core.training import toy
+    from ip2p_nodes.pipeline_core.training.toy_widen import widen_unet
+
+    torch.manual_seed(3)
+    unet = toy.make_unet() if which == "toy" else tiny_models.make_components(seed=3)[0]
+    # Randomise the norms and the zero-initialised output convolutions too, so every weight takes part.
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    wide = widen_unet(unet, 2)
+    assert wide.config.block_out_channels == tuple(2 * c for c in unet.config.block_out_channels)
+    assert sum(p.numel() for p in wide.parameters()) > 3 * sum(p.numel() for p in unet.parameters())
+    g = torch.Generator().manual_seed(0)
+    size = unet.config.sample_size if which == "toy" else 8
+    x = torch.randn(3, 8, size, size, generator=g)
+    t = torch.tensor([3, 400, 999])
+    text = torch.randn(3, 16, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        narrow_out = unet(x, t, encoder_hidden_states=text).sample
+        wide_out = wide(x, t, encoder_hidden_states=text).sample
+        noisy_out = widen_unet(unet, 2, noise=0.01, seed=1)(x, t, encoder_hidden_states=text).sample
+    scale = narrow_out.abs().max().item()
+    assert (wide_out - narrow_out).abs().max().item() < 1e-5 * max(1.0, scale)
+    assert 1e-5 * scale < (noisy_out - narrow_out).abs().max().item() < 0.2 * scale
+    noisy = widen_unet(unet, 2, noise=0.01, seed=1).conv_in.weight
+    assert not torch.equal(noisy[0], noisy[1])  # the two copies of channel 0
+
+
+def test_the_toy_recipes_fourth_and_fifth_stages_train_the_wide_unet_and_continue_where_they_stopped(tmp_path):
+    """Stage 4 favours the kinds it is told to, trains a UNet of twice the channels, and a second run finds its
+    work done (the checkpoint) instead of redoing it; stage 5 trains that wide UNet on, removal drawn most."""
+    import copy
+
+    from ip2p_nodes.pipeline_core.training import toy
+    from ip2p_nodes.pipeline_core.training.toy_refine import refine_records
+    from ip2p_nodes.pipeline_core.training.toy_widen import (
+        FOCUS,
+        FOCUS_FIRST_INDEX,
+        focus,
+        focus_config,
+        widen_and_train,
+        widen_config,
+        widen_records,
+    )
+
+    records = widen_records(400, seed=11)
+    recolours = sum(r.instruction.startswith("make the") for r in records) / len(records)
+    assert 0.21 < recolours < 0.35  # drawn 28% of the time, against 20% in stage 2
+    records = refine_records(400, seed=13, weights=FOCUS["kind_weights"], first_index=FOCUS_FIRST_INDEX)
+    removes = sum(r.instruction.startswith("remove") for r in records) / len(records)
+    assert 0.33 < removes < 0.47  # drawn 40% of the time in stage 5
+
+    torch.manual_seed(0)
+    vae, tokenizer = toy.make_vae(), toy.write_tokenizer(tmp_path / "tok")
+    unet, text_encoder = toy.make_unet(), toy.make_text_encoder(tokenizer)
+    config = widen_config(steps=2, checkpoint_every=1)
+    scheduler = tiny_models.SCHEDULER_CONFIG
+    wide, te = widen_and_train(tmp_path, copy.deepcopy(unet), vae, copy.deepcopy(text_encoder), tokenizer,
+                               scheduler, config, n_triplets=8, progress=False)
+    assert wide.config.block_out_channels == (64, 128)
+    state = torch.load(str(tmp_path / "widen" / "checkpoints" / CHECKPOINT_NAME), weights_only=True)
+    assert state["step"] == 2
+    again = widen_and_train(tmp_path, copy.deepcopy(unet), vae, copy.deepcopy(text_encoder), tokenizer, scheduler,
+                            config, n_triplets=8, progress=False)
+    for a, b in zip((wide, te), again):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+    focused, _ = focus(tmp_path, copy.deepcopy(wide), vae, copy.deepcopy(te), tokenizer, scheduler,
+                       focus_config(steps=2, checkpoint_every=1), n_triplets=8, progress=False)
+    assert focused.config.block_out_channels == (64, 128)
+    assert any(not torch.equal(a, b) for a, b in zip(wide.parameters(), focused.parameters()))
+    state = torch.load(str(tmp_path / "focus" / "checkpoints" / CHECKPOINT_NAME), weights_only=True)
+    assert state["step"] == 2
