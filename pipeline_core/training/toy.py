@@ -351,7 +351,7 @@ def build_toy(out: Path, config=None, vae_steps: int = RECIPE["vae_steps"], n_tr
             unet, text_encoder = focus(out, unet, vae, text_encoder, tokenizer, scheduler_config(),
                                        focus_config(steps=focus_steps), progress=progress)
             facts["focus"] = json.loads((out / "focus" / "recipe.json").read_text())
-    # Stored in fp16 to halve what the repository carries (~3.7 MB); the loader casts to the chosen precision.
+    # Stored in fp16 to halve what the repository carries (~10 MB); the loader casts to the chosen precision.
     folder, single = save_model(out, unet, vae, text_encoder, tokenizer, scheduler_config(),
                                 single_file_name=TOY_MODEL_NAME, dtype=torch.float16)
     (out / "recipe.json").write_text(json.dumps(facts, indent=2))

@@ -28,16 +28,13 @@ Stage 5 (:func:`focus`) trains the wide model a little longer with removal drawn
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 
 import torch
 
-from .toy_refine import CONTINUED_TRAINING
+from .toy_refine import CONTINUED_TRAINING, train_on_fresh_triplets
 from .trainer import TrainConfig
-
-log = logging.getLogger(__name__)
 
 WIDEN = {
     "factor": 2,
@@ -120,18 +117,9 @@ def widen_unet(unet, factor: int = 2, noise: float = 0.0, seed: int = 0):
     return wide if dtype == torch.float32 else wide.to(dtype)
 
 
-def widen_records(n: int, seed: int, weights: dict[str, float] | None = None):
-    """Fresh training triplets for stage 4 (indices from :data:`FIRST_INDEX`), kinds drawn by ``weights``."""
-    from .toy_refine import refine_records
-
-    return refine_records(n, seed=seed, weights=weights or WIDEN["kind_weights"], first_index=FIRST_INDEX)
-
-
 def widen_and_train(out: Path, unet, vae, text_encoder, tokenizer, scheduler_config, config: TrainConfig | None = None,
                     n_triplets: int = WIDEN["triplets"], progress: bool = True):
     """Stage 4 in ``out/widen``: returns (unet, text_encoder) widened and trained on. Resumes a cut-off run."""
-    from .toy_refine import train_on_fresh_triplets
-
     config = config or widen_config()
 
     def widen(vae, unet):
@@ -151,8 +139,6 @@ def focus_config(**overrides) -> TrainConfig:
 def focus(out: Path, unet, vae, text_encoder, tokenizer, scheduler_config, config: TrainConfig | None = None,
           n_triplets: int = FOCUS["triplets"], progress: bool = True):
     """Stage 5 in ``out/focus``: the wide model trained on, removal drawn most; returns (unet, text_encoder)."""
-    from .toy_refine import train_on_fresh_triplets
-
     unet, text_encoder, _ = train_on_fresh_triplets(
         Path(out) / "focus", unet, vae, text_encoder, tokenizer, scheduler_config, config or focus_config(),
         n_triplets, FOCUS["kind_weights"], FOCUS_FIRST_INDEX, progress)

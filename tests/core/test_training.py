@@ -336,7 +336,7 @@ def test_the_toy_recipes_third_stage_sharpens_only_the_decoder_and_continues_whe
 
 
 @pytest.mark.parametrize("which", ["toy", "tiny"])
-def test_the_widened_unet_computes_what_the_narrow_one_did_until_trained(which, tmp_path):
+def test_the_widened_unet_computes_what_the_narrow_one_did_until_trained(which):
     """Stage 4 starts from the stage-3 model's edits, not from noise: the UNet at twice the channels gives the
     same noise prediction (the toy UNet, and the tests' tiny one with two layers per block and a block without
     attention), and the symmetry-breaking noise really makes the copied channels differ."""
@@ -376,16 +376,17 @@ def test_the_toy_recipes_fourth_and_fifth_stages_train_the_wide_unet_and_continu
     from ip2p_nodes.pipeline_core.training import toy
     from ip2p_nodes.pipeline_core.training.toy_refine import refine_records
     from ip2p_nodes.pipeline_core.training.toy_widen import (
+        FIRST_INDEX,
         FOCUS,
         FOCUS_FIRST_INDEX,
+        WIDEN,
         focus,
         focus_config,
         widen_and_train,
         widen_config,
-        widen_records,
     )
 
-    records = widen_records(400, seed=11)
+    records = refine_records(400, seed=11, weights=WIDEN["kind_weights"], first_index=FIRST_INDEX)
     recolours = sum(r.instruction.startswith("make the") for r in records) / len(records)
     assert 0.21 < recolours < 0.35  # drawn 28% of the time, against 20% in stage 2
     records = refine_records(400, seed=13, weights=FOCUS["kind_weights"], first_index=FOCUS_FIRST_INDEX)
