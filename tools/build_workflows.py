@@ -541,7 +541,7 @@ def toy_demo() -> Workflow:
             note(
                 "note",
                 0,
-                "**Toy demo: runs with no model download.** The pack's embedded toy InstructPix2Pix model (3.8 MB) "
+                "**Toy demo: runs with no model download.** The pack's embedded toy InstructPix2Pix model (10 MB) "
                 "knows only 32 x 32 pictures of coloured shapes.\n\n"
                 "**Input:** `toy-sample.png`, which the pack copies into `ComfyUI/input/` when ComfyUI starts "
                 "(it ships in `custom_nodes/ip2p-nodes/pipeline_core/models/`). Any 32 x 32 shapes picture works.\n\n"
